@@ -1,0 +1,136 @@
+"""Eager reference of the policy-loss contract: materialised logits, plain torch ops.
+
+This is the single oracle of the codebase. Tests run it in float64 and compare every
+other backend against it; the trainer may also use it (``loss.backend=reference``) on
+tiny models. It never runs vocab-parallel.
+
+Shapes: ``hidden[N, H]``, ``lm_weight[V, H]``, per-token ``targets[N]`` (int64),
+``old_logp[N]``, ``adv[N]``, ``w[N]`` and the optional bool ``logprob_mask[N]``.
+
+Per token ``t`` (``z_t = hidden_t @ lm_weight^T / temperature``):
+
+    logp_t  = z_t[target_t] - logsumexp(z_t)
+    H_t     = logsumexp(z_t) - sum_v softmax(z_t)_v * z_t,v
+    rho_t   = exp(logp_t - old_logp_t)
+    obj_t   = min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t)
+    obj_t   = max(obj_t, c * A_t)        if dual_clip = c is set and A_t < 0
+    obj_t   = A_t * logp_t               if logprob_mask_t (SFT / ``gold_loss: logprob``)
+    loss    = -sum_t w_t * obj_t
+
+Rows whose target equals ``ignore_index`` contribute nothing and report ``logp = 0``.
+``clipped_t`` is true where the surrogate's gradient is cut by a clip (the PPO clip
+fraction numerator; dual-clip included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip):
+    """Per-token PPO-clip objective and clip flags (all ``[N]``)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped_obj = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    obj = torch.minimum(unclipped, clipped_obj)
+    clipped = clipped_obj < unclipped
+    if dual_clip is not None:
+        floor = dual_clip * adv
+        dual = (adv < 0) & (obj < floor)
+        obj = torch.where(dual, floor, obj)
+        clipped = clipped | dual
+    return obj, clipped
+
+
+def policy_loss_from_logp(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None = None,
+    logprob_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, per-token loss and clip flags given per-token log-probs ``logp[N]``.
+
+    Shared by every backend: once ``logp`` is known the rest is elementwise.
+    Returns ``(loss scalar, loss_t[N], clipped[N] bool)``.
+    """
+    obj, clipped = _surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip)
+    if logprob_mask is not None:
+        obj = torch.where(logprob_mask, adv * logp, obj)
+        clipped = clipped & ~logprob_mask
+    loss_t = -obj
+    return (w * loss_t).sum(), loss_t, clipped
+
+
+def logprobs_reference(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token ``logp[N]`` and optional entropy ``H[N]`` from materialised logits.
+
+    Computes in ``promote_types(dtype, float32)``, so float64 inputs give a float64 oracle.
+    """
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(dtype) @ lm_weight.to(dtype).T / temperature  # [N, V]
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    logp = logits.gather(1, safe_t[:, None]).squeeze(1) - lse
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    entropy = None
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)
+        entropy = lse - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def fused_policy_loss_reference(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    logprob_mask: torch.Tensor | None = None,
+    with_entropy: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, stats)`` of the module docstring; autograd flows to ``hidden`` and ``lm_weight``.
+
+    ``stats``: ``logp[N]`` (detached), ``clipped[N]`` bool, ``entropy[N]`` if requested.
+    """
+    logp, entropy = logprobs_reference(
+        hidden, lm_weight, targets, temperature=temperature, with_entropy=with_entropy, ignore_index=ignore_index
+    )
+    dtype = logp.dtype
+    w = torch.where(targets != ignore_index, w.to(dtype), torch.zeros((), dtype=dtype, device=w.device))
+    loss, _, clipped = policy_loss_from_logp(
+        logp,
+        old_logp.to(dtype),
+        adv.to(dtype),
+        w,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        logprob_mask=logprob_mask,
+    )
+    stats = {"logp": logp.detach(), "clipped": clipped}
+    if entropy is not None:
+        stats["entropy"] = entropy.detach()
+    return loss, stats
