@@ -1,0 +1,118 @@
+"""The embedded task: coloured shapes on a 3x3 grid, deterministic by seed.
+
+Grounding split (``make_split``): "Find the red circle." answered by ``[{"bbox_2d": [x1, y1,
+x2, y2]}]`` in pixels, or ``[]`` when no such shape is drawn (the non-object case). Probe split
+(``make_probe_split``): count / colour questions about the same kind of images, used to
+measure forgetting. Every row is generated from its own RNG seeded by (split, seed, index).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from PIL import Image, ImageDraw
+
+from .rows import Row
+
+CELL = 28
+GRID = 3
+SIZE = CELL * GRID
+INSET = 4
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+SHAPES = ("circle", "square", "triangle")
+PROBLEM_TEMPLATE = (
+    "Find the {colour} {shape}. Output its bounding box as JSON inside <answer></answer>, "
+    "after thinking inside <think></think>. If there is none, answer []."
+)
+COUNT_QUESTION = "How many shapes are in the image? Answer with a number inside <answer></answer>."
+COLOUR_QUESTION = "What colour is the {shape}? Answer with a colour name inside <answer></answer>."
+
+_PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+
+Obj = tuple[str, str, int, int]  # (colour, shape, grid row, grid column), 0-based
+
+
+def cell_box(r: int, c: int) -> list[int]:
+    """The gold ``[x1, y1, x2, y2]`` of a shape in grid cell (r, c): the cell inset by 4 px.
+
+    x2/y2 are pixel edges (exclusive), so the shape covers pixels x1..x2-1, y1..y2-1.
+    """
+    return [CELL * c + INSET, CELL * r + INSET, CELL * (c + 1) - INSET, CELL * (r + 1) - INSET]
+
+
+def render(objects: list[Obj]) -> Image.Image:
+    """Draw the shapes on a white canvas, each touching all four edges of its ``cell_box``."""
+    image = Image.new("RGB", (SIZE, SIZE), "white")
+    draw = ImageDraw.Draw(image)
+    for colour, shape, r, c in objects:
+        x1, y1, x2, y2 = cell_box(r, c)
+        x2, y2 = x2 - 1, y2 - 1  # PIL's boxes include their last pixel
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse((x1, y1, x2, y2), fill=fill)
+        elif shape == "square":
+            draw.rectangle((x1, y1, x2, y2), fill=fill)
+        else:
+            draw.polygon([((x1 + x2) / 2, y1), (x1, y2), (x2, y2)], fill=fill)
+    return image
+
+
+def make_split(n: int, seed: int, absent_ratio: float) -> list[Row]:
+    """``n`` grounding rows; exactly ``round(n * absent_ratio)`` of them ask for an absent shape."""
+    if n < 0 or not 0.0 <= absent_ratio <= 1.0:
+        raise ValueError(f"need n >= 0 and 0 <= absent_ratio <= 1, got n={n}, absent_ratio={absent_ratio}")
+    absent = set(random.Random(f"shapes:{seed}").sample(range(n), round(n * absent_ratio)))
+    return [_grounding_row(seed, i, i in absent) for i in range(n)]
+
+
+def _grounding_row(seed: int, i: int, absent: bool) -> Row:
+    rng = random.Random(f"shapes:{seed}:{i}")
+    objects = _scene(rng)
+    if absent:
+        drawn = {(colour, shape) for colour, shape, _, _ in objects}
+        colour, shape = rng.choice([pair for pair in _PAIRS if pair not in drawn])
+        cell, solution = None, []
+    else:
+        colour, shape, r, c = rng.choice(objects)
+        cell, solution = (r, c), [{"bbox_2d": cell_box(r, c)}]
+    meta = {"absent": absent, "colour": colour, "shape": shape, "cell": cell, "objects": objects}
+    problem = PROBLEM_TEMPLATE.format(colour=colour, shape=shape)
+    return Row(f"shapes-{seed}-{i}", render(objects), problem, solution, meta)
+
+
+def think_trace(row: Row) -> str:
+    """A short reasoning trace for a grounding row (1-based row/column), for warm-start targets."""
+    m = row.meta
+    if m["absent"]:
+        return f"<think>There is no {m['colour']} {m['shape']}.</think>"
+    r, c = m["cell"]
+    return f"<think>The {m['colour']} {m['shape']} is at row {r + 1}, column {c + 1}.</think>"
+
+
+def make_probe_split(n: int, seed: int) -> list[Row]:
+    """``n`` probe rows: "how many shapes" (answer e.g. ``"2"``) or, when the shape is unique
+    in its image, "what colour is the circle" (answer e.g. ``"red"``), half and half where possible."""
+    if n < 0:
+        raise ValueError(f"need n >= 0, got {n}")
+    rows = []
+    for i in range(n):
+        rng = random.Random(f"probe:{seed}:{i}")
+        objects = _scene(rng)
+        counts = Counter(shape for _, shape, _, _ in objects)
+        unique = [obj for obj in objects if counts[obj[1]] == 1]
+        if unique and rng.random() < 0.5:
+            colour, shape, _, _ = rng.choice(unique)
+            question, problem, solution = "colour", COLOUR_QUESTION.format(shape=shape), colour
+        else:
+            question, problem, solution = "count", COUNT_QUESTION, str(len(objects))
+        rows.append(Row(f"probe-{seed}-{i}", render(objects), problem, solution,
+                        {"question": question, "objects": objects}))
+    return rows
+
+
+def _scene(rng: random.Random) -> list[Obj]:
+    """1-3 shapes in distinct cells with distinct (colour, shape) pairs."""
+    k = rng.randint(1, 3)
+    cells = rng.sample(range(GRID * GRID), k)
+    return [(colour, shape, *divmod(cell, GRID)) for (colour, shape), cell in zip(rng.sample(_PAIRS, k), cells)]
