@@ -6,6 +6,8 @@ tiny models. It never runs vocab-parallel.
 
 Shapes: ``hidden[N, H]``, ``lm_weight[V, H]``, per-token ``targets[N]`` (int64),
 ``old_logp[N]``, ``adv[N]``, ``w[N]`` and the optional bool ``logprob_mask[N]``.
+``old_logp=None`` means on-policy (one update per batch): ``old_logp = logp`` detached,
+so ``rho = 1`` and the old-log-prob pass can be skipped.
 
 Per token ``t`` (``z_t = hidden_t @ lm_weight^T / temperature``):
 
@@ -17,9 +19,10 @@ Per token ``t`` (``z_t = hidden_t @ lm_weight^T / temperature``):
     obj_t   = A_t * logp_t               if logprob_mask_t (SFT / ``gold_loss: logprob``)
     loss    = -sum_t w_t * obj_t
 
-Rows whose target equals ``ignore_index`` contribute nothing and report ``logp = 0``.
-``clipped_t`` is true where the surrogate's gradient is cut by a clip (the PPO clip
-fraction numerator; dual-clip included).
+Rows whose target equals ``ignore_index`` contribute nothing and report ``logp = 0``,
+``entropy = 0`` and ``clipped = False``; rows with ``w_t = 0`` contribute nothing to the
+loss even where ``loss_t`` is not finite. ``clipped_t`` is true where the surrogate's
+gradient is cut by a clip (the PPO clip fraction numerator; dual-clip included).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def policy_loss_from_logp(
         obj = torch.where(logprob_mask, adv * logp, obj)
         clipped = clipped & ~logprob_mask
     loss_t = -obj
-    return (w * loss_t).sum(), loss_t, clipped
+    loss = torch.where(w != 0, w * loss_t, torch.zeros_like(loss_t)).sum()
+    return loss, loss_t, clipped
 
 
 def logprobs_reference(
@@ -92,6 +96,7 @@ def logprobs_reference(
     if with_entropy:
         probs = torch.softmax(logits, dim=-1)
         entropy = lse - (probs * logits).sum(-1)
+        entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
 
 
@@ -99,7 +104,7 @@ def fused_policy_loss_reference(
     hidden: torch.Tensor,
     lm_weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     adv: torch.Tensor,
     w: torch.Tensor,
     *,
@@ -122,7 +127,7 @@ def fused_policy_loss_reference(
     w = torch.where(targets != ignore_index, w.to(dtype), torch.zeros((), dtype=dtype, device=w.device))
     loss, _, clipped = policy_loss_from_logp(
         logp,
-        old_logp.to(dtype),
+        logp.detach() if old_logp is None else old_logp.to(dtype),
         adv.to(dtype),
         w,
         eps_low=eps_low,
@@ -130,7 +135,7 @@ def fused_policy_loss_reference(
         dual_clip=dual_clip,
         logprob_mask=logprob_mask,
     )
-    stats = {"logp": logp.detach(), "clipped": clipped}
+    stats = {"logp": logp.detach(), "clipped": clipped & (targets != ignore_index)}
     if entropy is not None:
         stats["entropy"] = entropy.detach()
     return loss, stats

@@ -1,0 +1,244 @@
+"""Benchmark of the fused LM-head policy loss: forward + backward time and peak memory.
+
+Methods, all timed in the same run on the same inputs:
+  triton  our Triton kernels              (``fused_policy_loss(backend="triton")``)
+  torch   our chunked torch backend        (``backend="torch"``)
+  eager   eager torch, materialised logits (``backend="reference"``: fp32 [N, V] logits)
+  liger   Liger-Kernel ``LigerFusedLinearGRPOLoss``, same clip settings, no KL
+          (skipped with the reason printed when liger_kernel is not installed)
+  floor   the three bare GEMMs: Z = x W^T, dZ W, dZ^T x (Z reused as dZ)
+
+GPU (default when CUDA is available): Qwen2.5-VL-3B (H 2048, V 151936) and 7B (H 3584,
+V 152064) heads, N in {4096, 16384}, bf16. Targets (H100, bf16): triton <= 1.25x floor at
+7B N=16384; >= 1.5x faster than Liger at equal or lower peak memory; peak memory above
+inputs + outputs + grads <= 10 % of the [N, V] logits (column ``extra/logits``; our fp32
+accumulator of d lm_weight counts as a gradient there, see ``triton_policy_loss``).
+
+CPU (``--quick``, automatic without CUDA): small shapes, torch / eager / floor only, in
+fp32, so the script always runs (< 1 minute); Triton's interpreter is no benchmark.
+
+Prints a table and writes JSON (device, versions, date, every measurement) to
+``bench/results/kernels-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from visurf_engine.kernels import fused_logprobs, fused_policy_loss
+
+GPU_SHAPES = {"qwen2.5-vl-3b": (2048, 151936), "qwen2.5-vl-7b": (3584, 152064)}
+CPU_SHAPES = {"cpu-small": (256, 8192)}
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def make_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g, device=device, dtype=dtype)
+    weight = (torch.randn(vocab, hidden, generator=g, device=device, dtype=torch.float32) * (3.0 / math.sqrt(hidden))).to(dtype)
+    targets = torch.randint(0, vocab, (n,), generator=g, device=device)
+    backend = "triton" if device.type == "cuda" else "torch"
+    logp, _ = fused_logprobs(h, weight, targets, backend=backend)
+    old_logp = logp + 0.2 * torch.randn(n, generator=g, device=device)  # ratios around 1, some clipped
+    adv = torch.randn(n, generator=g, device=device)
+    w = torch.full((n,), 1.0 / n, device=device)
+    return {"hidden": h, "weight": weight, "targets": targets, "old_logp": old_logp, "adv": adv, "w": w}
+
+
+def _ours(backend: str):
+    def run(x: dict):
+        loss, _ = fused_policy_loss(
+            x["hidden"], x["weight"], x["targets"], x["old_logp"], x["adv"], x["w"],
+            eps_low=EPS_LOW, eps_high=EPS_HIGH, backend=backend,
+        )  # fmt: skip
+        loss.backward()
+
+    return run
+
+
+def _liger():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError as exc:
+        return None, f"liger_kernel not installed ({exc})"
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, loss_type="bnpo")
+    seq = 1024  # Liger takes [B, T, H] and per-sequence advantages
+
+    def run(x: dict):
+        n, hdim = x["hidden"].shape
+        b = n // seq
+        out = loss_fn(
+            x["hidden"].view(b, seq, hdim),
+            x["weight"],
+            x["targets"].view(b, seq),
+            torch.ones(b, seq, device=x["hidden"].device),
+            x["adv"].view(b, seq)[:, 0].contiguous(),
+            old_per_token_logps=x["old_logp"].view(b, seq),
+        )
+        (out[0] if isinstance(out, tuple) else out).backward()
+
+    return run, None
+
+
+def _floor(x: dict):
+    with torch.no_grad():
+        h, weight = x["hidden"], x["weight"]
+        z = h @ weight.T
+        z @ weight
+        z.T @ h
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, x: dict, device: torch.device, reps: int, warmup: int) -> dict:
+    """Median wall time (ms) of ``fn(x)`` and its peak memory above the inputs (CUDA only)."""
+    for p in (x["hidden"], x["weight"]):
+        p.requires_grad_(fn is not _floor)
+    times, peak = [], None
+    for i in range(warmup + reps):
+        x["hidden"].grad = x["weight"].grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(x)
+        _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+            if device.type == "cuda":
+                peak = max(peak or 0, torch.cuda.max_memory_allocated(device) - base)
+    x["hidden"].grad = x["weight"].grad = None
+    return {"ms": statistics.median(times), "peak_bytes": peak}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small CPU shapes (automatic without CUDA)")
+    ap.add_argument("--tokens", type=int, nargs="+", help="N values (default: 4096 16384 on GPU, 256 1024 on CPU)")
+    ap.add_argument("--shapes", nargs="+", help=f"subset of {list(GPU_SHAPES)}")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/kernels-<device>-<date>.json)")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type == "cpu"
+    if quick:
+        shapes, tokens, dtype, reps, warmup = CPU_SHAPES, args.tokens or [256, 1024], torch.float32, args.reps or 3, 1
+    else:
+        shapes = {k: GPU_SHAPES[k] for k in (args.shapes or GPU_SHAPES)}
+        tokens, dtype, reps, warmup = args.tokens or [4096, 16384], torch.bfloat16, args.reps or 5, 2
+    methods = {"torch": _ours("torch"), "eager": _ours("reference"), "floor": _floor}
+    skipped = {}
+    if device.type == "cuda":
+        methods = {"triton": _ours("triton"), **methods}
+        liger, reason = _liger()
+        if liger is None:
+            skipped["liger"] = reason
+        else:
+            methods["liger"] = liger
+    else:
+        skipped["triton"] = "no CUDA device (the Triton interpreter is not a benchmark)"
+        skipped["liger"] = "no CUDA device"
+    for name, reason in skipped.items():
+        print(f"skipping {name}: {reason}")
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    rows = []
+    for shape, (hdim, vocab) in shapes.items():
+        for n in tokens:
+            x = make_inputs(n, hdim, vocab, dtype, device)
+            elem = x["hidden"].element_size()
+            logits_bytes = n * vocab * elem
+            grads_bytes = (n * hdim + vocab * hdim) * elem
+            for name, fn in methods.items():
+                try:
+                    r = measure(fn, x, device, reps, warmup)
+                except torch.OutOfMemoryError:
+                    r = {"ms": None, "peak_bytes": None, "error": "OOM"}
+                    torch.cuda.empty_cache()
+                r.update(shape=shape, hidden=hdim, vocab=vocab, n=n, method=name)
+                if r["peak_bytes"] is not None and name != "floor":
+                    r["extra_over_logits"] = (r["peak_bytes"] - grads_bytes) / logits_bytes
+                if name in ("triton", "torch"):  # multi-chunk runs hold d lm_weight in fp32 (V x H x 4 B)
+                    r["fp32_dw_acc_over_logits"] = vocab * hdim * 4 / logits_bytes
+                rows.append(r)
+            del x
+
+    ours = "triton" if "triton" in methods else "torch"
+    print(f"\ndevice: {dev_name}; dtype {str(dtype).removeprefix('torch.')}; fwd+bwd median of {reps}; ours = {ours}")
+    print(f"{'shape':15s} {'N':>6s} {'method':7s} {'ms':>10s} {'/floor':>7s} {'peak MB':>9s} {'extra/logits':>12s}")
+    summary = []
+    for shape in shapes:
+        for n in tokens:
+            sel = {r["method"]: r for r in rows if r["shape"] == shape and r["n"] == n}
+            floor_ms = sel["floor"]["ms"]
+            for name, r in sel.items():
+                ms = f"{r['ms']:.2f}" if r["ms"] is not None else r.get("error", "-")
+                ratio = f"{r['ms'] / floor_ms:.2f}x" if r["ms"] is not None else "-"
+                peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") is not None else "n/a"
+                extra = f"{100 * r['extra_over_logits']:.1f}%" if "extra_over_logits" in r else "n/a"
+                print(f"{shape:15s} {n:6d} {name:7s} {ms:>10s} {ratio:>7s} {peak:>9s} {extra:>12s}")
+            mine = sel[ours]["ms"]
+            line = {"shape": shape, "n": n, f"{ours}/floor": mine / floor_ms}
+            for other in ("liger", "eager"):
+                if other in sel and sel[other]["ms"] is not None:
+                    line[f"{other}/{ours}"] = sel[other]["ms"] / mine
+            summary.append(line)
+    if device.type == "cuda":
+        print("extra/logits: peak above inputs, minus the gradients in the input dtype, over the [N, V] logits;")
+        print("  for triton/torch it includes the fp32 d lm_weight accumulator (JSON: fp32_dw_acc_over_logits)")
+    print("\nratios:")
+    for line in summary:
+        print("  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+
+    stamp = dt.datetime.now(dt.timezone.utc)
+    tag = "cpu-quick" if quick and device.type == "cpu" else dev_name.lower().replace(" ", "-")
+    out = args.out or RESULTS / f"kernels-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "bench": "kernels",
+        "date": stamp.isoformat(),
+        "device": dev_name,
+        "mode": "quick" if quick else "full",
+        "dtype": str(dtype),
+        "reps": reps,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": _version("triton"),
+            "liger_kernel": _version("liger-kernel"),
+        },
+        "skipped": skipped,
+        "results": rows,
+        "summary": summary,
+    }
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Driver shared by the tile engines, and the ``autograd.Function`` that computes the
+gradients during the forward pass.
+
+Shapes: ``hidden[N, H]``, ``lm_weight[V_local, H]`` (rows ``vocab_start ..`` of the full
+vocabulary), per-token ``targets[N]``, ``old_logp[N]`` (or None: on-policy, ``rho = 1``),
+``adv[N]``, ``w[N]``, optional bool ``logprob_mask[N]``. Math: ``reference.py``;
+``y = hidden @ lm_weight^T``, ``z = y / T``.
+
+Because the loss ``L = sum_t w_t loss_t`` is a scalar, its gradients are produced in the
+forward pass (Liger's trick) and ``backward`` only scales them by the upstream gradient:
+
+    g_t        = dL / dlogp_t          (autograd of ``policy_loss_from_logp`` on [n] vectors:
+                                        -w_t rho_t A_t unclipped, 0 clipped or dual-clipped,
+                                        -w_t A_t on ``logprob_mask`` rows)
+    dL/dy_t,v  = (g_t / T) (onehot(target_t)_v - softmax(z_t)_v)
+    d hidden   = dL/dy @ lm_weight,     d lm_weight = (dL/dy)^T @ hidden
+
+The entropy is reported only: it has no gradient. Rows are processed in chunks of
+``n`` tokens; per chunk an engine (``TorchTiles`` / ``TritonTiles``) computes softmax
+partials over vocab tiles (``stats``, keeping ``exp(z - m_tile)`` for the chunk), the
+driver reduces them (``vocab_parallel.reduce_row_stats``, over TP ranks too) and forms the
+per-row / per-tile gradient scales, and the engine runs the two gradient GEMMs
+(``grads``). Three GEMM-sized passes in all; the largest temporary is the chunk buffer
+``[n, V_local]`` with ``n = max(min_chunk_tokens, N / 16)``.
+
+Row selection, done once per call: rows whose target is ``ignore_index`` are skipped
+(``logp = entropy = 0``, not clipped, no loss); rows with ``w = 0`` get their statistics
+from a pass without the gradient GEMMs (they cost nothing in the gradient); with no row
+left the loss is 0 and the gradients are zero. ``lm_weight``'s gradient is accumulated
+over chunks in fp32 (or written directly in its dtype when one chunk covers all rows) and
+returned in the weight's dtype; ``hidden``'s in hidden's dtype. With a ``tp_group``,
+``d hidden`` is this rank's partial (see ``vocab_parallel``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .reference import policy_loss_from_logp
+from .vocab_parallel import min_over_group, reduce_row_stats
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    temperature: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    with_entropy: bool = False
+    ignore_index: int = -100
+    tp_group: Any = None
+    vocab_start: int = 0
+
+
+def _chunk_rows(engine, n: int, device: torch.device, tp_group) -> int:
+    """Rows per chunk: the engine's ``chunk_tokens`` or ``max(min_chunk_tokens, n / 16)``;
+    every TP rank takes the smallest, so their collectives line up."""
+    chunk = engine.chunk_tokens or max(engine.min_chunk_tokens, -(-n // 16))
+    return min_over_group(max(1, min(chunk, n)), device, tp_group)
+
+
+def _local_targets(targets: torch.Tensor, vocab: int, spec: LossSpec) -> torch.Tensor:
+    """Target column in this vocab shard, -1 where ignored or held by another rank."""
+    local = targets - spec.vocab_start
+    keep = (targets != spec.ignore_index) & (local >= 0) & (local < vocab)
+    return torch.where(keep, local, torch.full_like(local, -1))
+
+
+class _Pass:
+    """One scan over a set of rows: statistics, and with ``dlogp_fn`` the gradient GEMMs."""
+
+    def __init__(self, engine, hidden, weight, tgt_local, spec: LossSpec):
+        self.engine, self.hidden, self.weight, self.tgt_local, self.spec = engine, hidden, weight, tgt_local, spec
+        cd = torch.promote_types(hidden.dtype, torch.float32)
+        n = hidden.shape[0]
+        self.logp = hidden.new_zeros(n, dtype=cd)
+        self.entropy = hidden.new_zeros(n, dtype=cd) if spec.with_entropy else None
+
+    def chunk_rows(self, n: int) -> int:
+        return _chunk_rows(self.engine, n, self.hidden.device, self.spec.tp_group)
+
+    def run(self, rows: torch.Tensor, chunk: int, dlogp_fn=None, dh=None, dw=None):
+        """Scans ``rows`` (int64 indices) ``chunk`` at a time; fills ``logp``/``entropy``,
+        writes ``dh[rows]``, and writes (first chunk) then accumulates ``dw``."""
+        spec, eng = self.spec, self.engine
+        inv_temp = 1.0 / spec.temperature
+        n = rows.numel()
+        for c0 in range(0, n, chunk):
+            idx = rows[c0 : c0 + chunk]
+            x = self.hidden.index_select(0, idx)
+            tgt = self.tgt_local.index_select(0, idx)
+            st = eng.stats(x, self.weight, tgt, inv_temp, spec.with_entropy, keep=dlogp_fn is not None)
+            lse, logp, entropy = reduce_row_stats(st, spec.tp_group)
+            self.logp.index_copy_(0, idx, logp.to(self.logp.dtype))
+            if entropy is not None:
+                self.entropy.index_copy_(0, idx, entropy.to(self.entropy.dtype))
+            if dlogp_fn is None:
+                continue
+            a = dlogp_fn(idx, logp) * inv_temp
+            scale = torch.exp(st.m - lse[:, None]).mul_(-a[:, None])
+            tgt_grad = -a * torch.expm1(logp)
+            dh_c = eng.grads(
+                x, self.weight, st.buf, tgt, scale, tgt_grad, need_dh=dh is not None, dw=dw, accumulate=c0 > 0
+            )
+            if dh is not None:
+                dh.index_copy_(0, idx, dh_c.to(dh.dtype))
+
+
+def _check_inputs(hidden, weight, targets):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden[N, H] and lm_weight[V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and lm_weight ({weight.dtype}) must share a dtype")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
+
+
+def policy_loss_forward(
+    engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, spec: LossSpec, need_dh: bool, need_dw: bool
+):
+    """Loss, per-token stats, and (as requested) ``d hidden``, ``d lm_weight`` of the loss."""
+    _check_inputs(hidden, weight, targets)
+    p = _Pass(engine, hidden, weight, _local_targets(targets, weight.shape[0], spec), spec)
+    cd = p.logp.dtype
+    valid = targets != spec.ignore_index
+    old_logp = old_logp.to(cd) if old_logp is not None else None
+    adv = adv.to(cd)
+    w = torch.where(valid, w.to(cd), 0.0)
+    surrogate = {"eps_low": spec.eps_low, "eps_high": spec.eps_high, "dual_clip": spec.dual_clip}
+
+    def dlogp(idx, logp):
+        with torch.enable_grad():
+            lp = logp.to(cd).detach().requires_grad_()
+            old = old_logp[idx] if old_logp is not None else lp.detach()
+            mask = logprob_mask.index_select(0, idx) if logprob_mask is not None else None
+            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], **surrogate, logprob_mask=mask)
+            (g,) = torch.autograd.grad(loss, lp)
+        return g.to(logp.dtype)
+
+    grad_rows = valid & (w != 0) if (need_dh or need_dw) else torch.zeros_like(valid)
+    rows = grad_rows.nonzero().squeeze(1)
+    chunk = p.chunk_rows(rows.numel())
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = None
+    if need_dw:
+        acc_dtype = weight.dtype if rows.numel() <= chunk else torch.promote_types(weight.dtype, torch.float32)
+        dw = (torch.empty_like if rows.numel() else torch.zeros_like)(weight, dtype=acc_dtype)
+    p.run(rows, chunk, dlogp, dh, dw)
+    stat_rows = (valid & ~grad_rows).nonzero().squeeze(1)
+    p.run(stat_rows, p.chunk_rows(stat_rows.numel()))
+
+    old = old_logp if old_logp is not None else p.logp
+    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, **surrogate, logprob_mask=logprob_mask)
+    return loss, p.logp, clipped & valid, p.entropy, dh, (dw.to(weight.dtype) if dw is not None else None)
+
+
+def policy_loss(engine, hidden, weight, targets, old_logp, adv, w, *, logprob_mask=None, **options):
+    """``fused_policy_loss`` on a given tile engine; ``options``: the ``LossSpec`` fields."""
+    spec = LossSpec(**options)
+    loss, logp, clipped, entropy = PolicyLossFunction.apply(
+        hidden, weight, targets, old_logp, adv, w, logprob_mask, engine, spec, torch.is_grad_enabled()
+    )
+    stats = {"logp": logp, "clipped": clipped}
+    if spec.with_entropy:
+        stats["entropy"] = entropy
+    return loss, stats
+
+
+@torch.no_grad()
+def logprobs(engine, hidden, weight, targets, **options):
+    """``fused_logprobs`` on a given tile engine: ``(logp[N] float32, entropy[N] float32 | None)``."""
+    spec = LossSpec(**options)
+    _check_inputs(hidden, weight, targets)
+    p = _Pass(engine, hidden, weight, _local_targets(targets, weight.shape[0], spec), spec)
+    rows = (targets != spec.ignore_index).nonzero().squeeze(1)
+    p.run(rows, p.chunk_rows(rows.numel()))
+    return p.logp.float(), (p.entropy.float() if p.entropy is not None else None)
+
+
+class PolicyLossFunction(torch.autograd.Function):
+    """``apply(hidden, lm_weight, targets, old_logp, adv, w, logprob_mask, engine, spec,
+    grad_enabled)`` -> ``(loss, logp, clipped, entropy)``; entropy is empty unless requested.
+
+    Gradients (to ``hidden`` and ``lm_weight`` only) are computed in ``forward`` -- only for
+    inputs that require them and only when ``grad_enabled`` (``torch.is_grad_enabled()`` of
+    the caller: ``forward`` itself always runs without grad mode). ``backward`` scales them
+    in place by the upstream gradient, so it runs once per forward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old_logp, adv, w, logprob_mask, engine, spec, grad_enabled):
+        need_dh = grad_enabled and ctx.needs_input_grad[0]
+        need_dw = grad_enabled and ctx.needs_input_grad[1]
+        loss, logp, clipped, entropy, dh, dw = policy_loss_forward(
+            engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, spec, need_dh, need_dw
+        )
+        ctx.grads = (dh, dw)
+        logp = logp.float()
+        entropy = entropy.float() if entropy is not None else logp.new_empty(0)
+        ctx.mark_non_differentiable(logp, clipped, entropy)
+        return loss, logp, clipped, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.grads is None:
+            raise RuntimeError("the fused policy loss's backward runs once per forward (its gradients are consumed)")
+        dh, dw = ctx.grads
+        ctx.grads = None
+        dh = dh.mul_(grad_loss.to(dh.dtype)) if dh is not None else None
+        dw = dw.mul_(grad_loss.to(dw.dtype)) if dw is not None else None
+        return dh, dw, None, None, None, None, None, None, None, None

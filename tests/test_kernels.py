@@ -1,0 +1,148 @@
+"""Fused policy loss: the torch backend and the public API against the float64 oracle.
+
+Tolerances per input dtype are in ``visurf_engine.kernels.testing.TOLERANCES`` (logp and
+entropy: abs error 1e-6 per unit of max |logit|; gradients: relative Frobenius error
+1e-10 float64, 1e-5 float32, 2e-3 fp16, 1e-2 bf16, plus 2e-7 per unit of max |logit|).
+Every case draws fresh random inputs from its own seed. The Triton kernels: ``test_kernels_triton.py``; vocab-parallel:
+``test_kernels_tp.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visurf_engine.kernels import (
+    BACKENDS,
+    FusedPolicyLoss,
+    fused_logprobs,
+    fused_policy_loss,
+    resolve_backend,
+)
+from visurf_engine.kernels.chunked import TorchTiles
+from visurf_engine.kernels.testing import CASES, compare, engine_loss, make_case, oracle, run_loss
+
+# "tiled": small tiles and chunks, so every case spans several vocab tiles and row chunks.
+ENGINES = {"default": TorchTiles(), "tiled": TorchTiles(block_vocab=64, chunk_tokens=16)}
+
+
+@pytest.mark.parametrize("engine", ENGINES, ids=str)
+@pytest.mark.parametrize("name", CASES, ids=str)
+def test_torch_backend_matches_oracle(name, engine):
+    seed, n, h, v, dtype, opts = CASES[name]
+    case = make_case(seed, n, h, v, dtype, **opts)
+    ref = oracle(case)
+    assert ref["zmax"] > (5e3 if "extreme" in name else 1.0)
+    out = run_loss(engine_loss(ENGINES[engine]), case)
+    assert out["dh"].dtype == dtype and out["dw"].dtype == dtype
+    compare(out, ref, dtype)
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["dh"]).all() and torch.isfinite(out["dw"]).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_public_api_matches_oracle(backend):
+    case = make_case(201, 40, 24, 190, torch.float32, temperature=1.3, dual_clip=3.0, logprob_frac=0.2)
+    ref = oracle(case)
+    compare(run_loss(fused_policy_loss, case, backend=backend), ref, torch.float32)
+    logp, entropy = fused_logprobs(
+        case.hidden, case.lm_weight, case.targets, temperature=1.3, with_entropy=True, backend=backend
+    )
+    compare({**{k: ref[k] for k in ("loss", "clipped")}, "logp": logp, "entropy": entropy}, ref, torch.float32)
+    assert fused_logprobs(case.hidden, case.lm_weight, case.targets, backend=backend)[1] is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_on_policy_without_old_logp(backend):
+    case = make_case(250, 35, 16, 120, torch.float32, dual_clip=3.0, logprob_frac=0.3)
+    case.old_logp = None  # rho = 1: the gradient is -w A dlogp on every row
+    ref = oracle(case)
+    assert not ref["clipped"].any()
+    compare(run_loss(fused_policy_loss, case, backend=backend), ref, torch.float32)
+    compare(run_loss(engine_loss(ENGINES["tiled"]), case), ref, torch.float32)
+
+
+def test_masked_rows_cost_nothing_and_ignored_rows_report_zero():
+    case = make_case(301, 48, 16, 97, torch.float32, masked_frac=0.4, ignore_frac=0.25)
+    out = run_loss(engine_loss(ENGINES["tiled"]), case)
+    compare(out, oracle(case), torch.float32)
+    zero_rows = (case.w == 0) | (case.targets == -100)
+    assert zero_rows.any() and not zero_rows.all()
+    assert (out["dh"][zero_rows] == 0).all()
+    live = ~zero_rows & ~out["clipped"]
+    assert live.any() and (out["dh"][live] != 0).any(dim=1).all()
+    ignored = case.targets == -100
+    assert (out["logp"][ignored] == 0).all() and (out["entropy"][ignored] == 0).all()
+    assert not out["clipped"][ignored].any()
+
+
+@pytest.mark.parametrize("what", ["w-zero", "all-ignored"])
+def test_all_masked_batch_is_zero_with_zero_grads(what):
+    case = make_case(302, 20, 12, 70, torch.float32)
+    if what == "w-zero":
+        case.w = torch.zeros_like(case.w)
+    else:
+        case.targets = torch.full_like(case.targets, -100)
+    ref = oracle(case)
+    for fn in (engine_loss(ENGINES["tiled"]), fused_policy_loss):
+        out = run_loss(fn, case)
+        assert out["loss"].item() == 0.0
+        assert (out["dh"] == 0).all() and (out["dw"] == 0).all()
+        compare(out, ref, torch.float32)  # logp / entropy / clip flags still reported
+
+
+def test_backward_scales_by_upstream_gradient_and_runs_once():
+    case = make_case(401, 30, 16, 80, torch.float32, dual_clip=3.0)
+    ref = oracle(case)
+    h = case.hidden.clone().requires_grad_()
+    wt = case.lm_weight.clone().requires_grad_()
+    loss, _ = fused_policy_loss(*case.inputs(h, wt), **case.kwargs(), backend="torch")
+    (-2.5 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(h.grad, -2.5 * ref["dh"].float(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(wt.grad, -2.5 * ref["dw"].float(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_gradients_only_where_required():
+    case = make_case(402, 30, 16, 80, torch.float32)
+    ref = oracle(case)
+    h = case.hidden.clone().requires_grad_()
+    loss, stats = fused_policy_loss(*case.inputs(h), **case.kwargs(), backend="torch")
+    loss.backward()
+    assert case.lm_weight.grad is None
+    torch.testing.assert_close(h.grad, ref["dh"].float(), rtol=1e-4, atol=1e-7)
+
+    class StatsOnly(TorchTiles):
+        def grads(self, *args, **kwargs):
+            raise AssertionError("gradient pass under no_grad")
+
+    leaf = case.lm_weight.clone().requires_grad_()
+    with torch.no_grad():
+        loss, _ = engine_loss(StatsOnly())(*case.inputs(lm_weight=leaf), **case.kwargs())
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-7)
+
+
+def test_module_wrapper():
+    case = make_case(501, 26, 16, 64, torch.float32, dual_clip=3.0, logprob_frac=0.3)
+    opts = {k: v for k, v in case.options.items()}
+    module = FusedPolicyLoss(**opts, backend="torch")
+    assert "dual_clip=3.0" in repr(module) and not list(module.parameters())
+    h = case.hidden.clone().requires_grad_()
+    wt = case.lm_weight.clone().requires_grad_()
+    loss, stats = module(*case.inputs(h, wt), logprob_mask=case.logprob_mask)
+    loss.backward()
+    compare({"loss": loss.detach(), "dh": h.grad, "dw": wt.grad, **stats}, oracle(case), torch.float32)
+
+
+def test_dispatch():
+    assert BACKENDS == ("auto", "triton", "torch", "reference")
+    case = make_case(601, 8, 8, 16, torch.float32)
+    assert resolve_backend("auto", case.hidden) == "torch"
+    assert resolve_backend("triton", case.hidden) == "triton"
+    with pytest.raises(ValueError, match="unknown loss backend"):
+        resolve_backend("cuda", case.hidden)
+    with pytest.raises(ValueError, match="vocab-parallel"):
+        resolve_backend("reference", case.hidden, tp_group=object())
+    with pytest.raises(TypeError, match="share a dtype"):
+        fused_policy_loss(case.hidden.double(), *case.inputs()[1:], backend="torch")
