@@ -1,0 +1,5 @@
+"""Evaluation. ``metrics`` holds the metric math (gIoU, cIoU, N-Acc, bbox_acc, rates).
+
+``visurf_engine.rewards`` imports ``eval.metrics``, so this ``__init__`` must not import
+``rewards`` (that would be an import cycle).
+"""
