@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from visurf_engine.data import load_rows, make_probe_split, make_split, think_trace, write_dataset
-from visurf_engine.data.shapes import render
+from visurf_engine.data.shapes import cell_tint, render
 
 RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 WHITE = (255, 255, 255)
@@ -20,9 +20,9 @@ def pixels(row) -> np.ndarray:
 
 
 def drawn_box(image: np.ndarray, r: int, c: int) -> tuple[list[int], np.ndarray]:
-    """The tight [x1, y1, x2 (exclusive), y2 (exclusive)] box of non-white pixels in cell (r, c)."""
+    """The tight [x1, y1, x2 (exclusive), y2 (exclusive)] box of non-background pixels in cell (r, c)."""
     cell = image[28 * r:28 * r + 28, 28 * c:28 * c + 28]
-    mask = (cell != 255).any(axis=-1)
+    mask = (cell != cell_tint(r, c)).any(axis=-1)
     ys, xs = np.nonzero(mask)
     return [28 * c + xs.min(), 28 * r + ys.min(), 28 * c + xs.max() + 1, 28 * r + ys.max() + 1], cell[mask]
 
@@ -51,11 +51,14 @@ def test_hand_drawn_scene_boxes_and_shapes():
     assert len(square_px) == 400  # the square fills its 20x20 box
     assert 250 < len(circle_px) < 400 and (image[4, 4] == WHITE).all()  # ~ pi * 10^2, corners empty
     assert 150 < len(triangle_px) < 250
-    assert (image[79, 32:52] != 255).any(axis=-1).all()  # base spans the bottom edge
-    assert 1 <= (image[60, 32:52] != 255).any(axis=-1).sum() <= 2  # apex at top centre
-    assert (image[60, 41:43] != 255).any()
+    bg = cell_tint(2, 1)
+    assert (image[79, 32:52] != bg).any(axis=-1).all()  # base spans the bottom edge
+    assert 1 <= (image[60, 32:52] != bg).any(axis=-1).sum() <= 2  # apex at top centre
+    assert (image[60, 41:43] != bg).any()
     empty = [(r, c) for r in range(3) for c in range(3) if (r, c) not in {(0, 0), (1, 2), (2, 1)}]
-    assert all((image[28 * r:28 * r + 28, 28 * c:28 * c + 28] == 255).all() for r, c in empty)
+    assert all((image[28 * r:28 * r + 28, 28 * c:28 * c + 28] == cell_tint(r, c)).all() for r, c in empty)
+    tints = {cell_tint(r, c) for r in range(3) for c in range(3)}
+    assert len(tints) == 9 and cell_tint(0, 0) == WHITE  # every cell tells where it is
 
 
 def test_gold_box_bounds_the_drawn_shape_and_scenes_match_meta():
@@ -70,7 +73,7 @@ def test_gold_box_bounds_the_drawn_shape_and_scenes_match_meta():
             assert box == [28 * c + 4, 28 * r + 4, 28 * c + 24, 28 * r + 24]
             assert (drawn == RGB[colour]).all()
         occupied = {(r, c) for _, _, r, c in objects}
-        assert all((image[28 * r:28 * r + 28, 28 * c:28 * c + 28] == 255).all()
+        assert all((image[28 * r:28 * r + 28, 28 * c:28 * c + 28] == cell_tint(r, c)).all()
                    for r in range(3) for c in range(3) if (r, c) not in occupied)
         if not row.meta["absent"]:
             r, c = row.meta["cell"]
@@ -97,8 +100,8 @@ def test_problem_text_and_think_trace():
     present = next(row for row in rows if not row.meta["absent"])
     absent = next(row for row in rows if row.meta["absent"])
     colour, shape = present.meta["colour"], present.meta["shape"]
-    assert present.problem == (f"Find the {colour} {shape}. Output its bounding box as JSON inside "
-                               "<answer></answer>, after thinking inside <think></think>. If there is none, answer [].")
+    assert present.problem == (f"Find the {colour} {shape}. Think in <think></think>, then answer its bbox_2d "
+                               "in <answer></answer>, or [] if absent.")
     r, c = present.meta["cell"]
     assert think_trace(present) == f"<think>The {colour} {shape} is at row {r + 1}, column {c + 1}.</think>"
     assert think_trace(absent) == f"<think>There is no {absent.meta['colour']} {absent.meta['shape']}.</think>"
@@ -147,7 +150,7 @@ def test_probe_split_answers_are_true():
         image = pixels(row)
         if row.meta["question"] == "count":
             assert row.problem == "How many shapes are in the image? Answer with a number inside <answer></answer>."
-            occupied = sum((image[28 * r:28 * r + 28, 28 * c:28 * c + 28] != 255).any()
+            occupied = sum((image[28 * r:28 * r + 28, 28 * c:28 * c + 28] != cell_tint(r, c)).any()
                            for r in range(3) for c in range(3))
             assert row.solution == str(occupied)
         else:
