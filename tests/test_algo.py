@@ -1,0 +1,176 @@
+"""Advantages, reward controls, surrogate and aggregation: hand-computed cases, plus a
+float64 gradient check of the eager loss. Tolerances: float64 results to 1e-12; float32
+results to 1e-6 (relative)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from visurf_engine.algo.advantages import group_advantages
+from visurf_engine.algo.paradigms import Member, assign_advantages, build_members, phase_of, sequence_weights
+from visurf_engine.algo.reward_control import choose_style, control_gold_rewards
+from visurf_engine.kernels import policy_loss_from_logp
+from visurf_engine.kernels.reference import fused_policy_loss_reference
+from visurf_engine.rewards import get_reward
+
+G = get_reward("grounding")
+W = torch.tensor([G.weights[c] for c in G.components])  # think, answer_format, accuracy (x3), non_repeat
+THINK = G.components.index("think_format")
+
+
+def test_group_advantages_hand_computed():
+    adv = group_advantages(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 4.0]]), eps=0.0)
+    assert torch.allclose(adv[0], torch.tensor([-1.0, 0.0, 1.0]))
+    # [0, 0, 4]: mean 4/3, unbiased std sqrt(((4/3)^2 * 2 + (8/3)^2) / 2) = sqrt(16/3)
+    s = math.sqrt(16 / 3)
+    assert torch.allclose(adv[1], torch.tensor([-4 / 3 / s, -4 / 3 / s, 8 / 3 / s]), rtol=1e-6)
+    dr = group_advantages(torch.tensor([[1.0, 2.0, 6.0]]), norm_by_std=False)
+    assert torch.allclose(dr, torch.tensor([[-2.0, -1.0, 3.0]]))
+
+
+def test_all_equal_group_gives_exactly_zero():
+    # 0.1 * 3 / 3 != 0.1 in floating point: the flat-group guard must still give exact zeros
+    adv = group_advantages(torch.tensor([[0.1, 0.1, 0.1], [5.0, 5.0, 5.0]]))
+    assert (adv == 0).all()
+    with pytest.raises(ValueError, match="members>=2"):
+        group_advantages(torch.tensor([[1.0]]))
+
+
+def test_eliminate_and_smooth_controls():
+    gold_comps = torch.tensor([[1.0, 1.0, 1.0, 1.0]] * 3)  # a perfect gold answer, as scored on its text
+    rollouts = torch.tensor([[2.0, 2.0, 3.0, 3.0],  # all worse than the gold: no smoothing
+                             [6.0, 1.0, 1.0, 1.0],  # best rollout (6) >= gold (5): smoothed to mean 2.25
+                             [5.0, 5.0, 5.0, 5.0]])  # ties count as "at least as good"
+    gold, smoothed = control_gold_rewards(gold_comps, rollouts, W, THINK, eliminate=True, smooth=True)
+    assert gold.tolist() == [5.0, 2.25, 5.0]
+    assert smoothed.tolist() == [False, True, True]
+    gold_no_elim, _ = control_gold_rewards(gold_comps, rollouts, W, THINK, eliminate=False, smooth=False)
+    assert gold_no_elim.tolist() == [6.0, 6.0, 6.0]  # credited full thinking-format reward
+    gold_no_smooth, flags = control_gold_rewards(gold_comps, rollouts, W, THINK, eliminate=True, smooth=False)
+    assert gold_no_smooth.tolist() == [5.0, 5.0, 5.0] and not flags.any()
+
+
+def test_smoothed_gold_advantage_is_exactly_zero_and_rollouts_unchanged():
+    rollouts = torch.tensor([[0.3, 0.7, 0.1, 0.9]])
+    gold, smoothed = control_gold_rewards(torch.tensor([[0.0, 0.1, 0.1, 0.0]]), rollouts, W, THINK, eliminate=True, smooth=True)
+    assert smoothed.item()
+    r_adv, g_adv = assign_advantages("visurf", 1, rollouts, gold, smoothed, norm_by_std=True, eps=1e-6)
+    assert g_adv.item() == 0.0
+    # with r* = mean, the G+1 mean is the rollout mean and the unbiased std shrinks by sqrt((G-1)/G)
+    r = rollouts.double()[0]
+    expected = (r - r.mean()) / (r.std() * math.sqrt(3 / 4) + 1e-6)
+    assert torch.allclose(r_adv[0].double(), expected, rtol=1e-6)
+
+
+def test_visurf_gold_advantage_positive_when_rollouts_fail():
+    rollouts = torch.tensor([[3.0, 3.0, 3.0, 3.0]])
+    gold = torch.tensor([5.0])
+    r_adv, g_adv = assign_advantages("visurf", 1, rollouts, gold, torch.tensor([False]), norm_by_std=True, eps=0.0)
+    # group [3,3,3,3,5]: mean 3.4, unbiased std sqrt(0.8)
+    assert math.isclose(g_adv.item(), 1.6 / math.sqrt(0.8), rel_tol=1e-6)
+    assert torch.allclose(r_adv, torch.full((1, 4), -0.4 / math.sqrt(0.8)))
+
+
+def test_rlvr_and_sft_advantages():
+    r_adv, g_adv = assign_advantages("rlvr", 2, torch.tensor([[0.0, 1.0], [1.0, 1.0]]), None, None, norm_by_std=False, eps=0.0)
+    assert g_adv is None and r_adv.tolist() == [[-0.5, 0.5], [0.0, 0.0]]
+    r_adv, g_adv = assign_advantages("sft", 3, None, None, None, norm_by_std=True, eps=1e-6)
+    assert r_adv is None and g_adv.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_phase_of_paradigms():
+    assert [phase_of("sft_then_rlvr", s, 2) for s in range(4)] == ["sft", "sft", "rlvr", "rlvr"]
+    assert phase_of("visurf", 0, 2) == "visurf" and phase_of("rlvr", 9, 2) == "rlvr" and phase_of("sft", 9, 2) == "sft"
+
+
+def test_build_members_orders_groups_and_flags_gold():
+    members = build_members([[[1], [2, 3]], [[4], [5]]], torch.tensor([[0.5, -0.5], [0.0, 0.0]]),
+                            [[9, 9], [8]], torch.tensor([1.5, 0.0]), gold_logprob_loss=True)
+    assert [(m.prompt, m.tokens, m.adv, m.gold, m.logprob_loss) for m in members] == [
+        (0, [1], 0.5, False, False), (0, [2, 3], -0.5, False, False), (0, [9, 9], 1.5, True, True),
+        (1, [4], 0.0, False, False), (1, [5], 0.0, False, False), (1, [8], 0.0, True, True)]
+
+
+def test_sequence_weights_three_aggregations():
+    lengths = torch.tensor([2, 4])
+    tm = sequence_weights(lengths, "token-mean", num_seqs=4, num_tokens=10, max_len=8)
+    assert torch.allclose(tm, torch.tensor([0.1, 0.1]))
+    sm = sequence_weights(lengths, "seq-mean-token-mean", num_seqs=4, num_tokens=10, max_len=8)
+    assert torch.allclose(sm, torch.tensor([1 / 8, 1 / 16]))
+    dr = sequence_weights(lengths, "seq-mean-token-sum-norm", num_seqs=4, num_tokens=10, max_len=8)
+    assert torch.allclose(dr, torch.tensor([1 / 32, 1 / 32]))
+
+
+def test_surrogate_hand_computed_clip_and_dual_clip():
+    old = torch.zeros(5, dtype=torch.float64)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 5.0, 5.0], dtype=torch.float64))
+    adv = torch.tensor([1.0, -1.0, 2.0, -1.0, -1.0], dtype=torch.float64)
+    w = torch.ones(5, dtype=torch.float64)
+    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, eps_low=0.2, eps_high=0.2)
+    # ratio 1.5, A=1 -> 1.2 (clipped); ratio .5, A=-1 -> min(-.5, -.8) = -.8 (clipped);
+    # ratio 1.1, A=2 -> 2.2 (inside); ratio 5, A=-1 -> min(-5, -1.2) = -5 (not clipped)
+    assert torch.allclose(-loss_t, torch.tensor([1.2, -0.8, 2.2, -5.0, -5.0], dtype=torch.float64))
+    assert clipped.tolist() == [True, True, False, False, False]
+    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    assert torch.allclose(-loss_t[3:], torch.tensor([-3.0, -3.0], dtype=torch.float64))  # max(-5, 3 * -1)
+    assert clipped.tolist() == [True, True, False, True, True]
+    lp_mask = torch.tensor([True, False, False, False, False])
+    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, eps_low=0.2, eps_high=0.2, logprob_mask=lp_mask)
+    assert math.isclose(loss_t[0].item(), -math.log(1.5)) and not clipped[0]  # -A * logp, no clip
+
+
+def test_eager_loss_gradcheck_float64():
+    g = torch.Generator().manual_seed(1234)
+    n, h, v = 7, 5, 11
+    hidden = torch.randn(n, h, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(v, (n,), generator=g)
+    targets[2] = -100  # ignored row
+    old = torch.randn(n, dtype=torch.float64, generator=g) * 0.1 - 2.0
+    adv = torch.randn(n, dtype=torch.float64, generator=g)
+    w = torch.rand(n, dtype=torch.float64, generator=g)
+    mask = torch.tensor([False, True, False, False, True, False, False])
+
+    def f(hh, ww):
+        return fused_policy_loss_reference(hh, ww, targets, old, adv, w, temperature=0.7, eps_low=0.2,
+                                           eps_high=0.28, dual_clip=3.0, logprob_mask=mask)[0]
+
+    assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-8)
+    # on-policy (old_logp=None): ratio 1, gradient = -sum_t w_t A_t grad logp_t
+    loss, stats = fused_policy_loss_reference(hidden, weight, targets, None, adv, w, temperature=0.7)
+    loss.backward()
+    grad_ppo = hidden.grad.clone()
+    hidden.grad = None
+    valid = targets != -100
+    logp = fused_policy_loss_reference(hidden, weight, targets, None, adv, w, temperature=0.7)[1]["logp"]
+    assert math.isclose(loss.item(), -(w * adv)[valid].sum().item(), rel_tol=1e-12)
+    lp, _ = __import__("visurf_engine.kernels.reference", fromlist=["x"]).logprobs_reference(hidden, weight, targets, temperature=0.7)
+    (-(w * adv * lp).sum()).backward()
+    assert torch.allclose(grad_ppo, hidden.grad, rtol=1e-12, atol=1e-14)
+    assert torch.equal(logp, lp.detach())
+
+
+def test_choose_style_align_controls():
+    spaced = '<think>x</think><answer>[{"bbox_2d": [4, 4, 24, 24]}]</answer>'
+    compact = '<answer>[{"bbox_2d":[4,4,24,24]}]</answer>'
+    sol = [{"bbox_2d": [32, 4, 52, 24]}]
+    cands = {s: G.render(sol, s) for s in G.styles}
+    calls = []
+
+    def loglik(texts):
+        calls.append(texts)
+        return [0.0 if t == cands["spaced"] else -5.0 for t in texts]
+
+    kw = dict(align_style="auto", loglik=loglik)
+    assert choose_style(G, [spaced, spaced, compact], cands, align=True, **kw) == "spaced"
+    assert choose_style(G, [spaced, compact, compact], cands, align=True, **kw) == "compact"
+    assert not calls
+    assert choose_style(G, ["garbage", "<answer>[]</answer>"], cands, align=True, **kw) == "spaced"  # loglik fallback
+    assert calls == [[cands["compact"], cands["spaced"]]]
+    assert choose_style(G, [spaced], cands, align=False, **kw) == "compact"  # dataset style
+    assert choose_style(G, [compact], cands, align=True, align_style="spaced", loglik=None) == "spaced"
+    with pytest.raises(ValueError, match="align_style"):
+        choose_style(G, [], cands, align=True, align_style="pretty", loglik=None)

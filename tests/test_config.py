@@ -1,0 +1,58 @@
+"""Config: YAML + key=value overrides, typed, with errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from visurf_engine.config import ConfigError, load_config
+
+
+def test_defaults_are_the_embedded_visurf_run():
+    cfg = load_config()
+    assert cfg.algo.paradigm == "visurf" and cfg.data.task == "shapes" and cfg.model.path is None
+    assert cfg.algo.align and cfg.algo.eliminate and cfg.algo.smooth
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("algo:\n  paradigm: rlvr\n  eps_high: 0.28\ntrain:\n  steps: 7\n  betas: [0.9, 0.95]\n")
+    cfg = load_config(f, ["train.steps=9", "algo.dual_clip=3", "model.path=null", "train.lr=3e-4"])
+    assert cfg.algo.paradigm == "rlvr" and cfg.algo.eps_high == 0.28
+    assert cfg.train.steps == 9 and cfg.train.betas == (0.9, 0.95) and cfg.train.lr == 3e-4
+    assert cfg.algo.dual_clip == 3.0 and isinstance(cfg.algo.dual_clip, float)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algo.paradigm=ppo", "algo.paradigm: 'ppo' is not one of"),
+        ("algo.paradim=rlvr", "unknown config key 'algo.paradim'"),
+        ("optim.lr=1", "unknown config key 'optim'"),
+        ("train.steps=ten", "train.steps: expected int"),
+        ("train.steps=1.5", "train.steps: expected int"),
+        ("algo.smooth=1", "algo.smooth: expected bool"),
+        ("train.steps=0", "train.steps: must be > 0"),
+        ("algo.dual_clip=0.5", "algo.dual_clip: must be > 1"),
+        ("train.betas=[0.9]", "train.betas: expected a list of 2"),
+        ("algo=3", "algo: is a section"),
+        ("train.lr", "expected key=value"),
+        ("data.task=files", "data.train_path: required"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_names_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("rollout:\n  n: four\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: rollout.n: expected int"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_sft_then_rlvr_split_must_fit():
+    with pytest.raises(ConfigError, match="algo.sft_steps"):
+        load_config(None, ["algo.paradigm=sft_then_rlvr", "train.steps=4", "algo.sft_steps=4"])

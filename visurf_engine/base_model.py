@@ -1,0 +1,112 @@
+"""The embedded default's base model, built once and cached as a local checkpoint.
+
+Like the paper's Qwen2.5-VL on gRefCOCO, the base model can ground objects but has never
+answered "no object": it is the ``tiny`` preset warm-started by SFT on *present-object*
+shapes queries only, with a short reasoning trace and the answer in the policy's own
+style (``spaced`` JSON, where the dataset writes ``compact``: what ViSurf's *align*
+control is about). The result is saved with ``save_pretrained`` under
+``<cache_dir>/shapes-base-<key>`` (key = hash of every setting that shapes it), written to
+a temporary directory and renamed, and then loaded like any real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .algo.loss import members_loss
+from .algo.paradigms import Member
+from .config import Config
+from .data import shapes
+from .models.hf import ImageOnlyProcessor, image_processor_for
+from .models.policy import Policy
+from .models.tiny import tiny_config, train_tokenizer
+from .rewards import get_reward
+
+log = logging.getLogger(__name__)
+
+POLICY_STYLE = "spaced"  # how the warm-started policy writes its answers
+VERSION = 1  # bump when the recipe changes, to invalidate caches
+
+
+def _key(cfg: Config) -> str:
+    ws = cfg.warmstart
+    recipe = {
+        "version": VERSION,
+        "preset": cfg.model.preset,
+        "steps": ws.steps,
+        "batch_size": ws.batch_size,
+        "lr": ws.lr,
+        "train_size": ws.train_size,
+        "seed": cfg.data.seed,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warmstart_target(row, spec) -> str:
+    """Reasoning trace + answer in the policy style: what the base model learns to write."""
+    return shapes.think_trace(row) + spec.render(row.solution, POLICY_STYLE)
+
+
+def embedded_base_model(cfg: Config, *, progress: bool = True) -> Path:
+    """Path of the cached warm-started tiny checkpoint, building it on first use."""
+    if cfg.model.preset != "tiny":
+        raise ValueError(f"model.preset: only 'tiny' is built in, got {cfg.model.preset!r}")
+    root = Path(cfg.warmstart.cache_dir)
+    final = root / f"shapes-base-{_key(cfg)}"
+    if (final / "warmstart.json").is_file():
+        return final
+    spec = get_reward("grounding")
+    ws = cfg.warmstart
+    rows = shapes.make_split(ws.train_size, seed=cfg.data.seed + 7919, absent_ratio=0.0)
+    corpus = [r.problem for r in rows] + [warmstart_target(r, spec) for r in rows]
+    corpus += [spec.render(r.solution, s) for r in rows[:500] for s in spec.styles] + [spec.render([], s) for s in spec.styles]
+    tokenizer = train_tokenizer(corpus)
+    processor = ImageOnlyProcessor(image_processor_for(shapes.SIZE * shapes.SIZE), tokenizer, chat_template=tokenizer.chat_template)
+    torch.manual_seed(cfg.data.seed)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation="sdpa")
+    policy = Policy(model, processor)
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.data.seed)
+    model.train()
+    bar = tqdm(range(ws.steps), desc="warm start (positive-only SFT)", disable=not progress, dynamic_ncols=True)
+    loss_ema = None
+    for step in bar:
+        batch = [rows[i] for i in torch.randint(len(rows), (ws.batch_size,), generator=gen).tolist()]
+        prompts = policy.encode([r.problem for r in batch], [r.image for r in batch])
+        members = [Member(i, policy.encode_text(warmstart_target(r, spec)), 1.0, gold=True, logprob_loss=True) for i, r in enumerate(batch)]
+        lengths = torch.tensor([len(m.tokens) for m in members])
+        weights = torch.full((len(members),), 1.0 / int(lengths.sum()))
+        lr = ws.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / ws.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, _, _ = members_loss(
+            policy, prompts, members, weights, old_logp=None, temperature=1.0, eps_low=0.2, eps_high=0.2,
+            dual_clip=None, backend=cfg.loss.backend, with_entropy=False,
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        bar.set_postfix(nll=f"{loss_ema:.3f}")
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "warmstart.json").write_text(json.dumps({"final_nll_ema": loss_ema, "policy_style": POLICY_STYLE}))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,247 @@
+"""Run configuration: typed dataclasses, a YAML file, and ``key=value`` overrides.
+
+``load_config("configs/x.yaml", ["algo.paradigm=rlvr", "train.steps=10"])`` reads the file
+(optional), applies the overrides in order (values parsed as YAML scalars), and validates.
+An unknown key, a wrong type or an out-of-range value raises ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARADIGMS = ("sft", "rlvr", "visurf", "sft_then_rlvr")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # local Hugging Face checkpoint dir (Qwen2-VL / Qwen2.5-VL); None -> `preset`
+    preset: str = "tiny"  # built from config with random init when `path` is None
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    backend: str = "hf"
+
+
+@dataclass
+class DataConfig:
+    task: str = "shapes"  # shapes (embedded, procedurally generated) | files
+    reward: str = "grounding"  # reward registry name
+    train_path: str | None = None  # JSONL / parquet for task=files
+    eval_path: str | None = None
+    on_bad_row: str = "error"  # error | skip (counted and logged)
+    train_size: int = 2000  # shapes task sizes
+    eval_size: int = 200
+    absent_ratio: float = 0.3  # share of shapes queries whose object is absent
+    seed: int = 1234
+
+
+@dataclass
+class WarmStartConfig:
+    """Positive-only SFT that makes the embedded task's base model (cached by its settings)."""
+
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-3
+    train_size: int = 4000
+    cache_dir: str = ".cache/visurf_engine"
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    n: int = 4  # G rollouts per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    eval_max_new_tokens: int = 48
+
+
+@dataclass
+class AlgoConfig:
+    paradigm: str = "visurf"  # sft | rlvr | visurf | sft_then_rlvr
+    sft_steps: int = -1  # sft_then_rlvr: SFT steps before RLVR; -1 = half of train.steps
+    align: bool = True  # render the gold in the policy's own style
+    align_style: str = "auto"  # auto | a style name of the reward (used when align is on)
+    eliminate: bool = True  # zero the gold's thinking-format reward
+    smooth: bool = True  # gold reward := mean rollout reward when a rollout is at least as good
+    norm_by_std: bool = True  # False: Dr.GRPO advantages (r - mean)
+    adv_eps: float = 1e-6
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None  # c > 1 enables dual-clip for negative advantages
+    gold_loss: str = "ppo"  # ppo (same clipped surrogate as rollouts) | logprob (-A* log pi)
+    aggregation: str = "token-mean"
+    updates_per_step: int = 1  # optimizer steps per batch (>1 needs an old-log-prob pass)
+
+
+@dataclass
+class LossConfig:
+    backend: str = "auto"  # auto | triton | torch | reference
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    batch_size: int = 8  # prompts per step (each brings G rollouts [+ gold])
+    micro_batch_size: int = 16  # sequences per forward/backward
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    seed: int = 0
+    output_dir: str = "runs/default"
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 20
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (with int -> float widening)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(obj: Any, key: str, value: Any, prefix: str = "") -> None:
+    head, _, rest = key.partition(".")
+    full = f"{prefix}{head}"
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if head not in fields:
+        raise ConfigError(f"unknown config key {full!r}; known keys here: {', '.join(fields)}")
+    hints = typing.get_type_hints(type(obj))
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _apply(current, rest, value, f"{full}.")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _apply(current, str(k), v, f"{full}.")
+        else:
+            raise ConfigError(f"{full}: is a section; give a mapping or use {full}.<key>=<value>")
+        return
+    if rest:
+        raise ConfigError(f"unknown config key {prefix}{key!r}: {full!r} is not a section")
+    setattr(obj, head, _coerce(full, value, hints[head]))
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: Config) -> Config:
+    a, t, r, d = cfg.algo, cfg.train, cfg.rollout, cfg.data
+    _check_choice("algo.paradigm", a.paradigm, PARADIGMS)
+    _check_choice("algo.aggregation", a.aggregation, AGGREGATIONS)
+    _check_choice("algo.gold_loss", a.gold_loss, ("ppo", "logprob"))
+    _check_choice("loss.backend", cfg.loss.backend, ("auto", "triton", "torch", "reference"))
+    _check_choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
+    _check_choice("model.backend", cfg.model.backend, ("hf",))
+    _check_choice("rollout.backend", r.backend, ("hf",))
+    _check_choice("data.task", d.task, ("shapes", "files"))
+    _check_choice("data.on_bad_row", d.on_bad_row, ("error", "skip"))
+    positive = {
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.micro_batch_size": t.micro_batch_size,
+        "rollout.n": r.n,
+        "rollout.max_new_tokens": r.max_new_tokens,
+        "algo.updates_per_step": a.updates_per_step,
+        "data.eval_size": d.eval_size,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+    if not 0 <= a.eps_low < 1 or a.eps_high < 0:
+        raise ConfigError(f"algo.eps_low/eps_high: need 0 <= eps_low < 1 and eps_high >= 0, got {a.eps_low}, {a.eps_high}")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        raise ConfigError(f"algo.dual_clip: must be > 1 (or null), got {a.dual_clip}")
+    if r.temperature <= 0 or not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.temperature/top_p: need temperature > 0 and 0 < top_p <= 1, got {r.temperature}, {r.top_p}")
+    if a.paradigm == "sft_then_rlvr" and a.sft_steps >= t.steps:
+        raise ConfigError(f"algo.sft_steps: must be < train.steps ({t.steps}) for sft_then_rlvr, got {a.sft_steps}")
+    if d.task == "files" and not d.train_path:
+        raise ConfigError("data.train_path: required when data.task=files")
+    if not 0 <= d.absent_ratio <= 1:
+        raise ConfigError(f"data.absent_ratio: must be in [0, 1], got {d.absent_ratio}")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then ``validate``."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for k, v in data.items():
+            try:
+                _apply(cfg, str(k), v)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for item in overrides:
+        _apply(cfg, *parse_override(item))
+    return validate(cfg)

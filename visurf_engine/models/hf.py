@@ -1,0 +1,57 @@
+"""Qwen2-VL / Qwen2.5-VL through transformers: processor and loading from a local directory.
+
+Images go through the PIL image processor (``Qwen2VLImageProcessorPil``): the torchvision
+one cannot run beside a CPU build of torch. The processor is image-only because the stock
+one insists on a torchvision video processor; transformers derives a processor's parts from
+its ``__init__`` signature, so naming only the image processor and tokenizer is enough.
+It returns ``mm_token_type_ids``, without which Qwen2.5-VL silently falls back to 1-D
+positions instead of mRoPE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+MODEL_CLASSES = {
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+}
+
+
+class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+    """Qwen2(.5)-VL processor without the video part (no torchvision needed)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def image_processor_for(pixels: int | None = None, path: str | Path | None = None) -> Qwen2VLImageProcessorPil:
+    """From a checkpoint dir, or fixed to ``pixels`` (min = max: images keep their size)."""
+    if path is not None:
+        return Qwen2VLImageProcessorPil.from_pretrained(str(path))
+    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32):
+    """``(model, processor)`` from a local checkpoint directory; clear errors if it is not one."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {str(path)!r}: no config.json there (need a local Hugging Face checkpoint dir)")
+    config = AutoConfig.from_pretrained(path)
+    cls = MODEL_CLASSES.get(config.model_type)
+    if cls is None:
+        raise ValueError(f"model.path {str(path)!r}: model_type {config.model_type!r} unsupported; use one of {list(MODEL_CLASSES)}")
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = ImageOnlyProcessor(image_processor_for(path=path), tokenizer, chat_template=tokenizer.chat_template)
+    return model, processor

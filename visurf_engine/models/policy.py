@@ -1,0 +1,164 @@
+"""The policy: a Qwen2(.5)-VL model plus its processor, seen as prompts -> completions.
+
+Prompts are encoded once per step (``encode``) and kept unpadded per prompt, so any set
+of (prompt, completion) pairs — G rollouts, the gold, several micro-batches — can be
+collated on demand. Training never asks the model for logits: ``completion_hidden``
+returns the final hidden states at the positions that predict each completion token,
+``[N, H]`` for N completion tokens, which the fused loss multiplies with the LM head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .hf import ImageOnlyProcessor
+
+
+@dataclass
+class Prompts:
+    """Encoded prompts; every list is indexed by prompt (unpadded)."""
+
+    input_ids: list[torch.Tensor]  # [P_i] int64
+    mm_token_type_ids: list[torch.Tensor]  # [P_i]
+    pixel_values: list[torch.Tensor]  # [patches_i, C*T*p*p]
+    image_grid_thw: list[torch.Tensor]  # [3]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class SequenceBatch:
+    """Model inputs for (prompt, completion) pairs and where the completion tokens sit."""
+
+    inputs: dict[str, torch.Tensor]
+    positions: torch.Tensor  # [N, 2] (row, position of the hidden state predicting the token)
+    targets: torch.Tensor  # [N] completion token ids
+    lengths: torch.Tensor  # [S] completion length per sequence
+
+
+class Policy:
+    def __init__(self, model, processor: ImageOnlyProcessor, device: torch.device | str = "cpu"):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = torch.device(device)
+        self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        # A sampled image/video placeholder would be taken for a vision slot in the next forward.
+        cfg = model.config
+        self.suppressed = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.lm_head.weight
+
+    def encode(self, problems: Sequence[str], images: Sequence[Image.Image]) -> Prompts:
+        """Chat-template each problem with its image and run the processor."""
+        texts = [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for p in problems
+        ]
+        enc = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True, padding_side="left")
+        keep = enc["attention_mask"].bool()
+        grid = enc["image_grid_thw"]
+        pixels = torch.split(enc["pixel_values"], grid.prod(dim=1).tolist())
+        return Prompts(
+            input_ids=[ids[k] for ids, k in zip(enc["input_ids"], keep)],
+            mm_token_type_ids=[t[k] for t, k in zip(enc["mm_token_type_ids"], keep)],
+            pixel_values=list(pixels),
+            image_grid_thw=list(grid),
+        )
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a completion text, ending with the end-of-turn token."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def _vision(self, prompts: Prompts, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.cat([prompts.pixel_values[i] for i in idx]).to(self.device),
+            "image_grid_thw": torch.stack([prompts.image_grid_thw[i] for i in idx]).to(self.device),
+        }
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Prompts,
+        idx: Sequence[int],
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[list[int]]:
+        """One completion per entry of ``idx`` (repeat an index for G samples).
+
+        Each completion ends at (and includes) the end-of-turn token, or is cut at
+        ``max_new_tokens``.
+        """
+        lens = [len(prompts.input_ids[i]) for i in idx]
+        width = max(lens)
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        mm = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, (i, n) in enumerate(zip(idx, lens)):
+            ids[row, width - n :] = prompts.input_ids[i]
+            mm[row, width - n :] = prompts.mm_token_type_ids[i]
+            mask[row, width - n :] = 1
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            mm_token_type_ids=mm.to(self.device),
+            **self._vision(prompts, idx),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            suppress_tokens=self.suppressed,
+            **sampling,
+        )
+        self.model.train(was_training)
+        completions = []
+        for row in out[:, width:].tolist():
+            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+            completions.append(row[:cut])
+        return completions
+
+    def collate(self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]]) -> SequenceBatch:
+        """Right-padded ``prompt + completion`` rows for the training forward."""
+        rows = [torch.cat([prompts.input_ids[i], torch.tensor(c, dtype=torch.long)]) for i, c in zip(idx, completions)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mm = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions, targets = [], []
+        for s, (i, c, r) in enumerate(zip(idx, completions, rows)):
+            ids[s, : len(r)] = r
+            p = len(prompts.input_ids[i])
+            mm[s, :p] = prompts.mm_token_type_ids[i]
+            mask[s, : len(r)] = 1
+            positions.append(torch.stack([torch.full((len(c),), s), torch.arange(p - 1, p - 1 + len(c))], dim=1))
+            targets.append(torch.tensor(c, dtype=torch.long))
+        inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm}
+        inputs = {k: v.to(self.device) for k, v in inputs.items()} | self._vision(prompts, idx)
+        return SequenceBatch(
+            inputs=inputs,
+            positions=torch.cat(positions).to(self.device),
+            targets=torch.cat(targets).to(self.device),
+            lengths=torch.tensor([len(c) for c in completions]),
+        )
+
+    def completion_hidden(self, batch: SequenceBatch) -> torch.Tensor:
+        """Final hidden states ``[N, H]`` that predict the N completion tokens of ``batch``."""
+        hidden = self.model.model(**batch.inputs, use_cache=False).last_hidden_state  # [S, T, H]
+        return hidden[batch.positions[:, 0], batch.positions[:, 1]]

@@ -1,0 +1,73 @@
+"""Metrics: one JSON object per step in ``metrics.jsonl`` plus TensorBoard scalars, and GPU
+telemetry (utilisation, memory, power) from NVML when a GPU is present."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Writes ``{"step": s, **metrics}`` lines and TensorBoard scalars (rank 0 only)."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True, resume: bool = False):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / "metrics.jsonl"
+        self._file = open(self.path, "a" if resume else "w")
+        self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+        self._nvml = _Nvml.open()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        metrics = metrics | (self._nvml.sample() if self._nvml else {})
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._tb.close()
+
+
+class _Nvml:
+    """NVML sampling of the local GPU (nvidia-ml-py); absent without a driver."""
+
+    def __init__(self, pynvml, handle):
+        self.nvml, self.handle = pynvml, handle
+
+    @classmethod
+    def open(cls) -> "_Nvml | None":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            return cls(pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device()))
+        except Exception:  # no NVML library or driver: telemetry is optional
+            return None
+
+    def sample(self) -> dict[str, float]:
+        util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+        mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+        return {
+            "gpu/util": float(util.gpu),
+            "gpu/mem_used_gib": mem.used / 2**30,
+            "gpu/power_w": self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0,
+        }
