@@ -40,6 +40,7 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.16",
         "pyarrow>=15",
+        "nvidia-ml-py>=12",
     ],
     extras_require={
         "triton": ["triton>=3.4"],
