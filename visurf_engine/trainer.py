@@ -75,9 +75,8 @@ def load_datasets(cfg: Config, spec) -> tuple[list[Row], list[Row], int]:
             0,
         )
     results: list[LoadResult] = [load_rows(p, spec.parse_solution, d.on_bad_row) for p in (d.train_path, d.eval_path) if p]
-    for res, path in zip(results, (d.train_path, d.eval_path)):
-        for bad in res.skipped:
-            log.warning("skipped bad row: %s", bad)
+    for bad in (b for res in results for b in res.skipped):
+        log.warning("skipped bad row: %s", bad)
     train = results[0].rows
     evals = results[1].rows if d.eval_path else train[: d.eval_size]
     return train, evals[: d.eval_size], sum(len(r.skipped) for r in results)
@@ -104,12 +103,13 @@ class Trainer:
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.start_step, self.base_eval = 0, None
-        if t.resume and (path := ckpt.latest_checkpoint(self.ckpt_root)) is not None:
-            state = ckpt.load_checkpoint(path, model, self.optimizer, world.rank)
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if t.resume and latest is not None:
+            state = ckpt.load_checkpoint(latest, model, self.optimizer, world.rank)
             self.sampler.load(state["sampler"])
             self.start_step, self.base_eval = state["step"], state.get("base_eval")
-            log.info("resumed from %s at step %d", path, self.start_step)
-        elif ckpt.latest_checkpoint(self.ckpt_root) is not None:
+            log.info("resumed from %s at step %d", latest, self.start_step)
+        elif latest is not None:
             raise FileExistsError(
                 f"{self.ckpt_root} already holds a run; pass train.resume=true to continue it, "
                 "or choose another train.output_dir"
