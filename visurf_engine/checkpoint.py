@@ -3,7 +3,8 @@
 Layout under ``<output_dir>/checkpoints/``::
 
     step_000020/model.safetensors     policy weights (safetensors)
-    step_000020/optimizer.pt          optimizer state
+    step_000020/optimizer.pt          optimizer state (model.backend=megatron: optimizer_rank{r}.pt,
+                                      each rank's state over its local shards)
     step_000020/rng_rank{r}.pt        python / numpy / torch (+ CUDA) RNG states of rank r
     step_000020/state.json            step, data-sampler position, config
     latest                            name of the newest complete checkpoint
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,9 +49,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], rank: int = 0
+    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any], rank: int = 0
 ) -> Path:
     """Write checkpoint ``step`` (rank 0 writes weights/optimizer/state; each rank its RNG).
+    ``optimizer=None``: each rank writes its own with ``save_optimizer_shard``.
 
     Multi-rank callers must barrier between this call on all ranks and ``commit_checkpoint``.
     """
@@ -59,15 +61,19 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_model(model, str(tmp / "model.safetensors"))  # tied weights (shared storage) stored once
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     return tmp
 
 
 def save_rng(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+
+
+def save_optimizer_shard(tmp: Path, rank: int, optimizer: torch.optim.Optimizer) -> None:
+    torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{rank}.pt")
 
 
 def commit_checkpoint(root: Path, step: int, keep: int = 2) -> Path:
@@ -94,7 +100,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
     """Restore weights, optimizer and this rank's RNG; return ``state.json``."""
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"), strict=True)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    load_model(model, str(path / "model.safetensors"), strict=True)
+    shared = path / "optimizer.pt"
+    optimizer.load_state_dict(torch.load(shared if shared.is_file() else path / f"optimizer_rank{rank}.pt", weights_only=False))
     set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())
