@@ -21,6 +21,7 @@ setup(
         "visurf_engine.data",
         "visurf_engine.eval",
         "visurf_engine.models",
+        "visurf_engine.models.megatron",
         "visurf_engine.parallel",
         "visurf_engine.rewards",
         "visurf_engine.rollout",
@@ -38,12 +39,15 @@ setup(
         "scipy>=1.11",
         "pyyaml>=6",
         "tqdm>=4.66",
+        "matplotlib>=3.8",
         "tensorboard>=2.16",
         "pyarrow>=15",
         "nvidia-ml-py>=12",
     ],
     extras_require={
         "triton": ["triton>=3.4"],
-        "test": ["pytest>=8"],
+        # model.backend=megatron; pulls only torch, numpy, packaging (no CUDA build, no TE / apex)
+        "megatron": ["megatron-core==0.16.1"],
+        "test": ["pytest>=8", "megatron-core==0.16.1"],
     },
 )

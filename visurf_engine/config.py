@@ -29,7 +29,15 @@ class ModelConfig:
     path: str | None = None  # local Hugging Face checkpoint dir (Qwen2-VL / Qwen2.5-VL); None -> `preset`
     preset: str = "tiny"  # built from config with random init when `path` is None
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
-    backend: str = "hf"
+    backend: str = "hf"  # hf (transformers, data parallel) | megatron (megatron-core TP x PP x DP)
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallelism of ``model.backend=megatron``; data parallel over the rest of the world."""
+
+    tp: int = 1  # tensor-parallel size (divides the KV heads)
+    pp: int = 1  # pipeline-parallel size (divides the layers)
 
 
 @dataclass
@@ -42,6 +50,7 @@ class DataConfig:
     train_size: int = 2000  # shapes task sizes
     eval_size: int = 200
     absent_ratio: float = 0.3  # share of shapes queries whose object is absent
+    probe_size: int = 0  # shapes: forgetting-probe rows (count / colour questions) evaluated with eval; 0 = off
     seed: int = 1234
 
 
@@ -49,10 +58,11 @@ class DataConfig:
 class WarmStartConfig:
     """Positive-only SFT that makes the embedded task's base model (cached by its settings)."""
 
-    steps: int = 400
+    steps: int = 1000
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3
     train_size: int = 4000
+    probe_share: float = 0.25  # share of each batch that is the forgetting probe's task (count / colour)
     cache_dir: str = ".cache/visurf_engine"
 
 
@@ -109,6 +119,7 @@ class TrainConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -189,7 +200,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("algo.gold_loss", a.gold_loss, ("ppo", "logprob"))
     _check_choice("loss.backend", cfg.loss.backend, ("auto", "triton", "torch", "reference"))
     _check_choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
-    _check_choice("model.backend", cfg.model.backend, ("hf",))
+    _check_choice("model.backend", cfg.model.backend, ("hf", "megatron"))
     _check_choice("rollout.backend", r.backend, ("hf",))
     _check_choice("data.task", d.task, ("shapes", "files"))
     _check_choice("data.on_bad_row", d.on_bad_row, ("error", "skip"))
@@ -201,6 +212,8 @@ def validate(cfg: Config) -> Config:
         "rollout.max_new_tokens": r.max_new_tokens,
         "algo.updates_per_step": a.updates_per_step,
         "data.eval_size": d.eval_size,
+        "parallel.tp": cfg.parallel.tp,
+        "parallel.pp": cfg.parallel.pp,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -215,8 +228,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algo.sft_steps: must be < train.steps ({t.steps}) for sft_then_rlvr, got {a.sft_steps}")
     if d.task == "files" and not d.train_path:
         raise ConfigError("data.train_path: required when data.task=files")
+    if cfg.model.backend == "hf" and cfg.parallel.tp * cfg.parallel.pp > 1:
+        raise ConfigError(f"parallel.tp/parallel.pp: {cfg.parallel.tp}/{cfg.parallel.pp} need model.backend=megatron")
     if not 0 <= d.absent_ratio <= 1:
         raise ConfigError(f"data.absent_ratio: must be in [0, 1], got {d.absent_ratio}")
+    if not 0 <= cfg.warmstart.probe_share < 1:
+        raise ConfigError(f"warmstart.probe_share: must be in [0, 1), got {cfg.warmstart.probe_share}")
+    if d.probe_size < 0 or d.probe_size and d.task != "shapes":
+        raise ConfigError(f"data.probe_size: must be >= 0, and 0 unless data.task=shapes, got {d.probe_size} (task {d.task})")
     return cfg
 
 
@@ -229,19 +248,29 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, then ``validate``."""
-    cfg = Config()
+    data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
         data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        for k, v in data.items():
-            try:
-                _apply(cfg, str(k), v)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
+    return config_from_mapping(data, overrides, source=str(path) if path is not None else "")
+
+
+def config_from_mapping(data: dict, overrides: list[str] = (), source: str = "") -> Config:
+    """Defaults <- ``data`` (sections as in a YAML file) <- ``key=value`` overrides, then ``validate``.
+
+    ``source`` (e.g. the file ``data`` came from) prefixes errors about ``data``.
+    """
+    prefix = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}top level must be a mapping of sections")
+    cfg = Config()
+    for k, v in data.items():
+        try:
+            _apply(cfg, str(k), v)
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}{e}") from None
     for item in overrides:
         _apply(cfg, *parse_override(item))
     return validate(cfg)

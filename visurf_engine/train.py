@@ -22,7 +22,7 @@ from .trainer import Trainer
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visurf_engine.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config file (sections: model, data, warmstart, rollout, algo, loss, train)")
+    parser.add_argument("--config", help="YAML config file (sections: model, parallel, data, warmstart, rollout, algo, loss, train)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algo.paradigm=rlvr train.steps=20")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,10 @@ One ``Trainer`` runs every paradigm: ``sft`` (gold only), ``rlvr`` (G rollouts),
 ``visurf`` (G rollouts + the reward-controlled gold), ``sft_then_rlvr`` (phases by step).
 Data parallel: each rank takes 1/world of the step's prompts, loss weights are normalised
 over the global batch and gradients are SUM-reduced before the optimizer step.
+``model.backend=megatron``: the update runs on megatron-core (``parallel.tp`` x
+``parallel.pp`` model parallel, data parallel over the rest; ``models.megatron.learner``),
+the HF model is the rollout / scoring / evaluation replica and receives the weights after
+every update; the ranks of one model-parallel group train on the same members.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .algo.loss import members_logprobs, members_loss
+from .algo.loss import loss_inputs, members_logprobs, members_loss
 from .algo.paradigms import Member, assign_advantages, build_members, phase_of, sequence_weights
 from .algo.reward_control import choose_style, control_gold_rewards
 from .base_model import embedded_base_model
 from .config import Config
 from .data import LoadResult, Row, load_rows, shapes
-from .eval.evaluate import evaluate
+from .eval.evaluate import evaluate, evaluate_probe
 from .models.hf import load_pretrained
 from .models.policy import Policy, Prompts
 from .parallel.data_parallel import World, all_reduce_grads, all_reduce_sum, barrier
@@ -86,16 +90,34 @@ class Trainer:
     def __init__(self, cfg: Config, world: World = World()):
         self.cfg, self.world = cfg, world
         t, a = cfg.train, cfg.algo
-        if t.batch_size % world.size:
-            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the world size {world.size}")
-        _seed_everything(t.seed + world.rank)
+        self.dp = world  # the data-parallel view: prompts are split over it
+        if cfg.model.backend == "megatron":
+            from .parallel.megatron import init_megatron  # megatron-core: the optional [megatron] extra
+
+            self.dp = init_megatron(world, cfg.parallel.tp, cfg.parallel.pp, t.seed)
+        if t.batch_size % self.dp.size:
+            raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {self.dp.size}")
+        # Built (or found in the cache) before seeding: building draws from the global RNG,
+        # and a run must not depend on whether the cache already existed.
+        path = cfg.model.path or embedded_base_model(cfg, progress=t.progress and world.is_main)
+        _seed_everything(t.seed + self.dp.rank)
         self.spec = get_reward(cfg.data.reward)
         self.train_rows, self.eval_rows, self.skipped_rows = load_datasets(cfg, self.spec)
-        path = cfg.model.path or embedded_base_model(cfg, progress=t.progress and world.is_main)
+        # forgetting probe: held-out count / colour questions, never in the post-training data
+        self.probe_rows = shapes.make_probe_split(cfg.data.probe_size, seed=cfg.data.seed + 1)
         model, processor = load_pretrained(path, dtype=torch.float32 if cfg.model.dtype != "bfloat16" else torch.bfloat16)
         self.policy = Policy(model.to(world.device), processor, world.device)
         self.rollout = HFRollout(self.policy, cfg.rollout)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.learner = None
+        if cfg.model.backend == "megatron":
+            from .models.megatron.convert import Layout
+            from .models.megatron.learner import MegatronLearner
+
+            layout = Layout.from_hf_config(model.config, cfg.parallel.tp, cfg.parallel.pp)
+            self.learner = MegatronLearner(model, layout, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+            self.optimizer = self.learner.optimizer
+        else:
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.sampler = PromptSampler(len(self.train_rows), t.seed)
         self.sft_steps = a.sft_steps if a.sft_steps >= 0 else t.steps // 2
         self.weights = torch.tensor([self.spec.weights[c] for c in self.spec.components])
@@ -106,6 +128,8 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if t.resume and latest is not None:
             state = ckpt.load_checkpoint(latest, model, self.optimizer, world.rank)
+            if self.learner is not None:
+                self.learner.load_from(model)
             self.sampler.load(state["sampler"])
             self.start_step, self.base_eval = state["step"], state.get("base_eval")
             log.info("resumed from %s at step %d", latest, self.start_step)
@@ -144,7 +168,7 @@ class Trainer:
         return texts, styles
 
     def step(self, step: int) -> dict[str, float]:
-        cfg, a, world = self.cfg, self.cfg.algo, self.world
+        cfg, a, world = self.cfg, self.cfg.algo, self.dp
         timer = _Timer()
         per_rank = cfg.train.batch_size // world.size
         idx = self.sampler.next(cfg.train.batch_size)[world.rank * per_rank : (world.rank + 1) * per_rank]
@@ -190,6 +214,10 @@ class Trainer:
         members = build_members(
             rollouts, rollout_adv, gold_tokens, gold_adv, gold_logprob_loss=phase == "sft" or a.gold_loss == "logprob"
         )
+        if self.learner is not None:
+            from .parallel.megatron import broadcast_from_model_parallel_source
+
+            members = broadcast_from_model_parallel_source(members)
         with timer("update"):
             m |= self._update(prompts, members)
         self.rollout.sync_weights()
@@ -215,51 +243,72 @@ class Trainer:
         sums = defaultdict(float)
         for chunk in np.array_split(np.arange(len(members)), a.updates_per_step):
             chunk = chunk.tolist()
-            counts = all_reduce_sum(torch.tensor([len(chunk), int(lengths[chunk].sum())], dtype=torch.float64), self.world)
+            counts = all_reduce_sum(torch.tensor([len(chunk), int(lengths[chunk].sum())], dtype=torch.float64), self.dp)
             weights = sequence_weights(
                 lengths[chunk], a.aggregation, num_seqs=int(counts[0]), num_tokens=int(counts[1]), max_len=cfg.rollout.max_new_tokens
             )
             self.optimizer.zero_grad(set_to_none=True)
-            for j in range(0, len(chunk), cfg.train.micro_batch_size):
-                sel = chunk[j : j + cfg.train.micro_batch_size]
-                mb = [members[i] for i in sel]
-                mb_old = None if old_logp is None else torch.cat([old_logp[token_start[i] : token_start[i + 1]] for i in sel])
-                with self._autocast():
-                    loss, stats, mb_len = members_loss(
-                        self.policy, prompts, mb, weights[j : j + len(sel)], old_logp=mb_old,
-                        temperature=cfg.rollout.temperature, eps_low=a.eps_low, eps_high=a.eps_high,
-                        dual_clip=a.dual_clip, backend=cfg.loss.backend, with_entropy=True,
-                    )
-                loss.backward()
-                rollout_tok = torch.repeat_interleave(torch.tensor([not x.gold for x in mb]), mb_len).to(stats["logp"].device)
+            sels = [chunk[j : j + cfg.train.micro_batch_size] for j in range(0, len(chunk), cfg.train.micro_batch_size)]
+            olds = [None if old_logp is None else torch.cat([old_logp[token_start[i] : token_start[i + 1]] for i in sel]) for sel in sels]
+            for sel, (loss, stats, mb_len) in zip(sels, self._backward(prompts, members, sels, weights, olds)):
+                rollout_tok = torch.repeat_interleave(torch.tensor([not members[i].gold for i in sel]), mb_len).to(stats["logp"].device)
                 sums["loss"] += loss.item()
                 sums["clipped"] += stats["clipped"].float().sum().item()
                 sums["tokens"] += float(mb_len.sum())
                 sums["entropy"] += stats["entropy"][rollout_tok].sum().item()
                 sums["rollout_tokens"] += rollout_tok.sum().item()
-            all_reduce_grads(self.policy.model, self.world)
-            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), cfg.train.grad_clip).item()
-            self.optimizer.step()
+            if self.learner is not None:
+                sums["grad_norm"] += self.learner.step(cfg.train.grad_clip)
+            else:
+                all_reduce_grads(self.policy.model, self.world)
+                sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), cfg.train.grad_clip).item()
+                self.optimizer.step()
+        if self.learner is not None:  # weight sync: the HF replica samples the next step
+            self.learner.export_to(self.policy.model)
         n = a.updates_per_step
         out = {"loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n, "clip_frac": sums["clipped"] / max(sums["tokens"], 1)}
         out["entropy"] = sums["entropy"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
         return out
 
+    def _backward(self, prompts: Prompts, members: list[Member], sels: list[list[int]], weights: torch.Tensor, olds: list):
+        """Forward + backward of micro-batches ``sels`` (member indices; ``weights`` over their
+        concatenation, ``olds`` their old log-probs); ``(loss, stats, lengths)`` per micro-batch."""
+        cfg, a = self.cfg, self.cfg.algo
+        kw = dict(temperature=cfg.rollout.temperature, eps_low=a.eps_low, eps_high=a.eps_high,
+                  dual_clip=a.dual_clip, backend=cfg.loss.backend, with_entropy=True)
+        starts = np.cumsum([0] + [len(sel) for sel in sels]).tolist()
+        mbs = [([members[i] for i in sel], weights[s : s + len(sel)], old) for sel, s, old in zip(sels, starts, olds)]
+        if self.learner is not None:  # megatron: every micro-batch through the pipeline schedule
+            return self.learner.forward_backward([loss_inputs(self.policy, prompts, *mb) for mb in mbs], **kw)
+        out = []
+        for mb, w, old in mbs:
+            with self._autocast():
+                loss, stats, mb_len = members_loss(self.policy, prompts, mb, w, old_logp=old, **kw)
+            loss.backward()
+            out.append((loss.detach(), stats, mb_len))
+        return out
+
     # -- the run --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics (rank 0 evaluates; the others wait)."""
+        """Held-out metrics, plus the forgetting probe's when ``data.probe_size`` > 0 (rank 0
+        evaluates; the others wait)."""
         result = {}
         if self.world.is_main:
             with self._autocast():
                 result = evaluate(self.policy, self.rollout, self.spec, self.eval_rows)
+                if self.probe_rows:
+                    result |= evaluate_probe(self.policy, self.rollout, self.probe_rows)
         barrier(self.world)
         return result
 
     def save(self, step: int) -> None:
         state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval, "config": self.cfg.to_dict()}
-        tmp = ckpt.save_checkpoint(self.ckpt_root, step, self.policy.model, self.optimizer, state, self.world.rank)
+        sharded = self.learner is not None  # megatron: each rank's optimizer holds its own shards
+        tmp = ckpt.save_checkpoint(self.ckpt_root, step, self.policy.model, None if sharded else self.optimizer, state, self.world.rank)
         barrier(self.world)
         ckpt.save_rng(tmp, self.world.rank)
+        if sharded:
+            ckpt.save_optimizer_shard(tmp, self.world.rank, self.optimizer)
         barrier(self.world)
         if self.world.is_main:
             ckpt.commit_checkpoint(self.ckpt_root, step)

@@ -1,13 +1,16 @@
 """Data parallelism over the torchrun world: gloo on CPU, NCCL on GPU.
 
 Every rank holds a full policy replica and 1/world of each step's prompts. The loss
-weights are normalised over the global batch, so gradients are SUM-reduced.
+weights are normalised over the global batch, so gradients are SUM-reduced. A ``World``
+with a ``group`` is a data-parallel view of a larger world (``parallel.megatron``: the
+replicas of one model-parallel rank); its collectives run over that group.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +22,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    group: Any = None  # process group of the collectives (None: the whole world)
 
     @property
     def is_main(self) -> bool:
@@ -41,7 +45,7 @@ def init_world() -> World:
 
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     if world.size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=world.group)
     return tensor
 
 
@@ -51,10 +55,10 @@ def all_reduce_grads(model: torch.nn.Module, world: World) -> None:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=world.group)
     torch.nn.utils.vector_to_parameters(flat, grads)
 
 
 def barrier(world: World) -> None:
     if world.size > 1:
-        dist.barrier()
+        dist.barrier(group=world.group)

@@ -1,0 +1,177 @@
+"""The comparison driver end to end on a two-step budget: every configuration of
+``configs/compare_shapes.yaml`` with one seed, the report and results page, skip, resume,
+and refusal of a run directory that holds another config. Runs are made cheap with the
+tiny settings of ``test_train_e2e``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from visurf_engine.config import ConfigError
+
+# Imported lazily, by the fixtures below: ``visurf_engine.compare`` and ``test_train_e2e`` import
+# transformers, which imports Triton, and a Triton imported while this module is collected
+# (before test_kernels_triton.py sets TRITON_INTERPRET=1) cannot run its interpreted kernels.
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return importlib.import_module("visurf_engine.compare")
+
+
+@pytest.fixture(scope="module")
+def small():
+    """``test_train_e2e.SMALL``: its tiny run settings (loading it registers their reward). The
+    suite runs with ``--import-mode=importlib``, so test modules cannot import each other by name."""
+    spec = importlib.util.spec_from_file_location("_train_e2e_settings", Path(__file__).with_name("test_train_e2e.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SMALL
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("base-cache"))
+
+
+REPO_PLAN = Path(__file__).resolve().parent.parent / "configs" / "compare_shapes.yaml"
+CONFIGS = ["sft", "rlvr", "sft_then_rlvr", "visurf", "visurf_no_align", "visurf_no_eliminate", "visurf_no_smooth"]
+
+
+@pytest.fixture(scope="module")
+def cli(small, cache):
+    def args(out, *extra):
+        """The repo's comparison with one seed, two steps and the tiny settings, reporting into ``out``."""
+        return [
+            "--config", str(REPO_PLAN), "--seeds", "0", "--output-dir", str(out / "runs"),
+            "--docs", str(out / "docs" / "results.md"), *small, f"warmstart.cache_dir={cache}",
+            "train.steps=2", "train.eval_every=1", "train.save_every=1", "data.probe_size=4", *extra,
+        ]
+    return args
+
+
+@pytest.fixture(scope="module")
+def compared(compare, cli, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    assert compare.main(cli(out)) == 0
+    return out
+
+
+def test_every_configuration_runs_and_is_reported(compared):
+    runs = compared / "runs"
+    assert sorted(p.name for p in runs.iterdir() if p.name != "report") == sorted(CONFIGS)
+    for name in CONFIGS:
+        result = json.loads((runs / name / "seed0" / "result.json").read_text())
+        assert result["name"] == name and result["seed"] == 0 and result["steps"] == 2 and result["resumed_from_step"] == 0
+        assert {"giou", "n_acc", "bbox_acc", "probe_acc", "probe_acc/count"} <= set(result["final"])
+        assert result["base"] == json.loads((runs / "visurf" / "seed0" / "result.json").read_text())["base"]  # one base model
+        assert result["wall_s"] > 0 and result["config"]["train"]["seed"] == 0
+        evals = [json.loads(l) for l in (runs / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals if "eval/probe_acc" in e] == [0, 1, 2]  # base, eval_every, final
+    ablations = {n: json.loads((runs / n / "seed0" / "result.json").read_text())["config"]["algo"] for n in CONFIGS}
+    assert ablations["visurf_no_align"]["align"] is False and ablations["visurf"]["align"] is True
+    assert ablations["visurf_no_smooth"]["smooth"] is False and ablations["visurf_no_eliminate"]["eliminate"] is False
+    assert ablations["sft_then_rlvr"]["paradigm"] == "sft_then_rlvr"
+
+    report = json.loads((runs / "report" / "results.json").read_text())
+    assert list(report["summary"]["configs"]) == CONFIGS
+    visurf = json.loads((runs / "visurf" / "seed0" / "result.json").read_text())
+    assert report["summary"]["configs"]["visurf"]["giou"]["mean"] == pytest.approx(visurf["final"]["giou"])
+    assert report["summary"]["configs"]["visurf"]["giou"]["std"] is None  # one seed
+    assert report["provenance"]["command"].startswith("python -m visurf_engine.compare --config ")
+    assert visurf["provenance"] == report["provenance"]  # the session that trained it
+    for figure in report["figures"].values():
+        with Image.open(figure) as im:
+            assert im.format == "PNG" and min(im.size) >= 400
+    table = (runs / "report" / "results.md").read_text()
+    assert all(f"| {n} |" in table for n in CONFIGS)
+    page = (compared / "docs" / "results.md").read_text()
+    assert "## Reading" in page and "| visurf_no_smooth |" in page
+    assert (compared / "docs" / "results" / "training_curves.png").is_file()
+
+
+def test_finished_runs_are_skipped(compare, cli, compared, monkeypatch):
+    monkeypatch.setattr(compare, "Trainer", None)  # any training attempt would fail
+    stamps = {p: p.stat().st_mtime_ns for p in (compared / "runs").glob("*/seed0/result.json")}
+    assert compare.main(cli(compared)) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in (compared / "runs").glob("*/seed0/result.json")}
+    assert compare.main(cli(compared, "--report-only", "--runs", "visurf,rlvr")) == 0
+    report = json.loads((compared / "runs" / "report" / "results.json").read_text())
+    assert list(report["summary"]["configs"]) == ["rlvr", "visurf"]
+
+
+def test_a_config_change_is_refused(compare, cli, compared, capsys):
+    assert compare.main(cli(compared, "--runs", "rlvr", "train.lr=0.5")) == 2
+    err = capsys.readouterr().err
+    assert "run rlvr (seed 0)" in err and "different config (train.lr)" in err
+
+
+def test_an_interrupted_run_resumes(compare, cli, tmp_path, monkeypatch):
+    Trainer = compare.Trainer
+    real_step = Trainer.step
+
+    def crash_on_second(self, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "step", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(cli(tmp_path, "--runs", "visurf", "--no-docs"))
+    run = tmp_path / "runs" / "visurf" / "seed0"
+    assert (run / "checkpoints" / "latest").read_text() == "step_000001" and not (run / "result.json").exists()
+    monkeypatch.setattr(Trainer, "step", real_step)
+    assert compare.main(cli(tmp_path, "--runs", "visurf", "--no-docs")) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["resumed_from_step"] == 1 and math.isfinite(result["final"]["giou"])
+    assert not (tmp_path / "docs").exists()
+
+
+def test_bad_comparison_files(compare, tmp_path):
+    def plan(body):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(body))
+        return path
+
+    with pytest.raises(ConfigError, match="compare.colour"):
+        compare.load_plan(plan({"compare": {"runs": {"a": []}, "colour": 1}}))
+    with pytest.raises(ConfigError, match="compare.seeds"):
+        compare.load_plan(plan({"compare": {"runs": {"a": []}, "seeds": [1, 1]}}))
+    with pytest.raises(ConfigError, match="not a valid run name"):
+        compare.load_plan(plan({"compare": {"runs": {"a/b": []}}}))
+    p = compare.load_plan(plan({"compare": {"runs": {"a": ["algo.paradigmm=sft"]}}}))
+    with pytest.raises(ConfigError, match=r"run a \(seed 0\).*algo.paradigmm"):
+        compare.make_jobs(p)
+    assert compare.main(["--config", str(plan({"compare": {"runs": {"a": []}}})), "--runs", "b"]) == 2
+
+
+def test_repo_plan_covers_the_issue(compare):
+    plan = compare.load_plan(REPO_PLAN)
+    assert list(plan.runs) == CONFIGS and len(plan.seeds) >= 3
+    jobs = compare.make_jobs(plan)
+    assert {(j.cfg.algo.paradigm, j.cfg.algo.align, j.cfg.algo.eliminate, j.cfg.algo.smooth) for j in jobs} == {
+        ("sft", True, True, True), ("rlvr", True, True, True), ("sft_then_rlvr", True, True, True),
+        ("visurf", True, True, True), ("visurf", False, True, True), ("visurf", True, False, True), ("visurf", True, True, False),
+    }
+    assert len({(j.cfg.train.steps, j.cfg.data.seed, j.cfg.data.probe_size) for j in jobs}) == 1  # same budget and data
+    assert jobs[0].cfg.data.probe_size > 0 and jobs[0].cfg.train.eval_every > 0
+
+
+def test_git_commit_reads_head(compare, tmp_path):
+    git = tmp_path / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "refs" / "heads" / "main").write_text("a" * 40 + "\n")
+    assert compare.git_commit(tmp_path) == "a" * 40
+    (git / "refs" / "heads" / "main").unlink()
+    (git / "packed-refs").write_text(f"# pack-refs\n{'b' * 40} refs/heads/main\n")
+    assert compare.git_commit(tmp_path) == "b" * 40
+    assert compare.git_commit(tmp_path / "nowhere") is None

@@ -1,0 +1,181 @@
+"""Training the policy with megatron-core: pipeline schedules, DDP, the optimizer over local shards.
+
+``MegatronLearner`` holds this rank's stage and tensor shard of the policy
+(``model.QwenVLMegatron``), loaded from an HF model through ``convert.hf_to_megatron``
+and wrapped in megatron-core's ``DistributedDataParallel``. The HF model stays what it is
+in the ``hf`` backend — the rollout / evaluation / scoring replica — and ``export_to``
+writes the trained weights back into it (``convert.megatron_to_hf``, gathered over the
+tensor group, broadcast over the pipeline group), which is also the checkpoint format.
+
+One optimizer step over micro-batches ``m = 1..M`` (``forward_backward`` then ``step``):
+
+- ``get_forward_backward_func()`` runs megatron's schedule (no pipelining, or 1F1B when
+  ``pp > 1``); every stage takes micro-batch ``m`` from the same list: ids, mRoPE positions
+  ``[3, B, S]`` and a causal mask for every stage, pixels on stage 0, loss inputs on the last;
+- the last stage gathers ``h[N, H]`` at the positions predicting the ``N`` completion tokens
+  and calls ``fused_policy_loss(h, W_r, ..., tp_group, vocab_start)`` with its vocab shard
+  ``W_r`` of the LM head: no logits are formed, and the per-rank partial ``d h`` is summed
+  by the ``copy_to_tensor_model_parallel_region`` in front of the head;
+- the loss is ``sum_t w_t loss_t`` with weights normalised over the global batch, so no
+  stage scales it (``calculate_per_token_loss``) and ``finalize_model_grads`` SUM-reduces
+  the grads over data-parallel replicas (and the tied embedding over first/last stage);
+- ``step``: global grad norm ``sqrt(sum over unique params of |g|^2)`` (a parameter counts on
+  one tensor rank unless it is tensor-parallel, and the last stage's copy of a tied
+  embedding not at all), all-reduced over the model-parallel group; clip; AdamW over the
+  local shards.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
+
+from ...kernels import fused_policy_loss
+from .convert import Layout, canonical_hf_name, hf_to_megatron, megatron_to_hf
+from .model import QwenVLMegatron, transformer_config
+
+
+class MegatronLearner:
+    """This rank's shard of the policy, its DDP wrapper and optimizer (module docstring)."""
+
+    def __init__(self, hf_model: torch.nn.Module, layout: Layout, *, lr: float, betas, weight_decay: float):
+        dtype = next(hf_model.parameters()).dtype
+        self.layout, self.hf_model = layout, hf_model
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.config = transformer_config(hf_model.config, layout, dtype)
+        visual = copy.deepcopy(hf_model.model.visual) if parallel_state.is_pipeline_first_stage() else None
+        with torch.random.fork_rng():  # megatron's throw-away init must not shift the rollouts' RNG
+            self.module = QwenVLMegatron(hf_model.config, layout, self.config, visual).to(dtype)
+        self.load_from(hf_model)
+        self.model = DistributedDataParallel(
+            self.config, DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False), self.module
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+    # -- weights --------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_from(self, hf_model: torch.nn.Module) -> None:
+        """This rank's shard of ``hf_model``'s weights (``convert.hf_to_megatron``)."""
+        shard = hf_to_megatron(hf_model.state_dict(), self.layout, self.tp_rank, self.pp_rank)
+        missing, unexpected = self.module.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"megatron shard mismatch: missing {missing}, unexpected {unexpected}")
+
+    @torch.no_grad()
+    def export_to(self, hf_model: torch.nn.Module) -> None:
+        """Write the current weights into ``hf_model`` in place (every rank's copy)."""
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        shards = [{} for _ in range(self.layout.tp)]
+        for name, p in self.module.named_parameters():
+            if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
+                parts = [torch.empty_like(p) for _ in range(self.layout.tp)]
+                dist.all_gather(parts, p.contiguous(), group=tp_group)
+            else:  # replicated over the tensor group
+                parts = [p] * self.layout.tp
+            for shard, part in zip(shards, parts):
+                shard[name] = part
+        mine = megatron_to_hf(shards, self.layout, self.pp_rank)
+        pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+        for name, target in hf_model.state_dict(keep_vars=True).items():
+            owner = self.layout.owner_stage(name)
+            value = mine[canonical_hf_name(name)] if owner == self.pp_rank else torch.empty_like(target)
+            if self.layout.pp > 1:
+                dist.broadcast(value, src=pp_ranks[owner], group=parallel_state.get_pipeline_model_parallel_group())
+            target.copy_(value)
+
+    # -- one optimizer step ----------------------------------------------------------------
+    def forward_backward(self, micro: Sequence, **loss_kw) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
+        """Forward and backward of every micro-batch; ``micro[m]`` is an ``algo.loss.LossInputs``.
+
+        Returns ``(loss, stats, lengths)`` per micro-batch (as ``algo.loss.members_loss``,
+        loss detached) on every rank of the pipeline group; gradients are reduced and ready.
+        """
+        batches = [self._stage_inputs(x) for x in micro]
+        store = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_kw=loss_kw),
+            data_iterator=iter(batches),
+            model=self.model,
+            num_microbatches=len(batches),
+            seq_length=max(b["input_ids"].shape[1] for b in batches),
+            micro_batch_size=max(b["input_ids"].shape[0] for b in batches),
+            forward_only=False,
+        )
+        finalize_model_grads([self.model])
+        results = [(s["loss"], s["stats"], x.batch.lengths) for s, x in zip(store, micro)]
+        if self.layout.pp > 1:
+            group = parallel_state.get_pipeline_model_parallel_group()
+            box = [results]
+            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[-1], group=group)
+            results = box[0]
+        return results
+
+    def _stage_inputs(self, x) -> dict[str, torch.Tensor]:
+        inputs = x.batch.inputs
+        position_ids, _ = self.hf_model.model.get_rope_index(
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+        s = inputs["input_ids"].shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).triu(1)[None, None]
+        return {
+            "input_ids": inputs["input_ids"],
+            "position_ids": position_ids,
+            "attention_mask": causal,
+            "pixel_values": inputs["pixel_values"],
+            "image_grid_thw": inputs["image_grid_thw"],
+            "loss_inputs": x,
+        }
+
+    def _forward_step(self, data_iterator, model, *, loss_kw):
+        b = next(data_iterator)
+        hidden = model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+        return hidden, partial(self._loss, b["loss_inputs"], loss_kw)
+
+    def _loss(self, x, loss_kw: dict, hidden: torch.Tensor):
+        """Fused vocab-parallel policy loss of one micro-batch on the last stage (``hidden[S, B, H]``)."""
+        pos = x.batch.positions
+        weight, start = self.module.head_shard()
+        loss, stats = fused_policy_loss(
+            hidden[pos[:, 1], pos[:, 0]],
+            weight,
+            x.batch.targets,
+            x.old_logp,
+            x.adv,
+            x.w,
+            logprob_mask=x.logprob_mask,
+            tp_group=parallel_state.get_tensor_model_parallel_group() if self.layout.tp > 1 else None,
+            vocab_start=start,
+            **loss_kw,
+        )
+        tokens = torch.tensor(x.batch.targets.numel(), dtype=torch.int)
+        return loss, tokens, {"loss": loss.detach(), "stats": stats}
+
+    def step(self, max_norm: float) -> float:
+        """Clip by the global grad norm, AdamW step, zero the grads; returns the norm before clipping."""
+        for p in self.params:
+            p.grad = p.main_grad
+        counted = [p.grad for p in self.params if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+        sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        for g in counted:
+            sq += g.double().square().sum()
+        dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())
+        norm = sq.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad_buffer()
+        return float(norm)

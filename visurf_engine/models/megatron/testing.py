@@ -1,0 +1,150 @@
+"""Test fixtures for the megatron backend: a tiny random Qwen2.5-VL, random micro-batches with an
+image each, the single-process HF oracle, and the worker that spawned ranks run
+(``tests/test_megatron_parallel.py``). In the package (not under ``tests/``) so that
+spawned processes can import the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from ...algo.loss import LossInputs
+from ...kernels import fused_policy_loss
+from ..policy import SequenceBatch
+
+GRID = (1, 4, 4)  # one image: 16 patches of 3 x 2 x 14 x 14 values, 4 merged tokens
+PATCH_DIM = 3 * 2 * 14 * 14
+LOSS_KW = dict(temperature=0.9, eps_low=0.2, eps_high=0.28, dual_clip=3.0, backend="torch", with_entropy=True)
+OPTIM = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
+MAX_NORM = 0.5
+
+
+def tiny_vl_config(vocab: int = 301, tied: bool = False) -> Qwen2_5_VLConfig:
+    """The ``tiny`` preset's shapes with an odd vocabulary (padding under TP); the vision and
+    special tokens are the last ids."""
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+        ),
+        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4,
+        tie_word_embeddings=tied,
+    )
+
+
+def tiny_vl_model(seed: int = 0, **config) -> Qwen2_5_VLForConditionalGeneration:
+    """Random float32 model; every tensor (norms and biases too) gets noise, so layouts matter."""
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_vl_config(**config), attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.float()
+
+
+def random_micro_batches(config, seed: int = 0, micro: int = 2, rows: int = 3) -> list[LossInputs]:
+    """``micro`` right-padded micro-batches of ``rows`` (prompt with one image, completion)
+    sequences of random lengths and tokens, advantages, weights and old log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    text = config.text_config.vocab_size - 4
+    n_img = GRID[0] * GRID[1] * GRID[2] // 4
+
+    def rand(n, hi=text):
+        return torch.randint(hi, (n,), generator=g)
+
+    out = []
+    for m in range(micro):
+        seqs, positions, targets, lengths = [], [], [], []
+        for s in range(rows):
+            prompt = torch.cat([
+                rand(int(rand(1, 4)) + 2), torch.tensor([config.vision_start_token_id]),
+                torch.full((n_img,), config.image_token_id), torch.tensor([config.vision_end_token_id]), rand(int(rand(1, 5)) + 1),
+            ])
+            completion = rand(int(rand(1, 6)) + 2)
+            seqs.append((prompt, completion))
+            p, c = len(prompt), len(completion)
+            positions.append(torch.stack([torch.full((c,), s), torch.arange(p - 1, p - 1 + c)], dim=1))
+            targets.append(completion)
+            lengths.append(c)
+        width = max(len(p) + len(c) for p, c in seqs)
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        mask, mm = torch.zeros_like(ids), torch.zeros_like(ids)
+        for s, (p, c) in enumerate(seqs):
+            ids[s, : len(p) + len(c)] = torch.cat([p, c])
+            mask[s, : len(p) + len(c)] = 1
+            mm[s, : len(p)] = (p == config.image_token_id).long()
+        batch = SequenceBatch(
+            inputs={
+                "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm,
+                "pixel_values": torch.randn(rows * GRID[0] * GRID[1] * GRID[2], PATCH_DIM, generator=g),
+                "image_grid_thw": torch.tensor([GRID] * rows),
+            },
+            positions=torch.cat(positions), targets=torch.cat(targets), lengths=torch.tensor(lengths),
+        )
+        n = int(batch.lengths.sum())
+        per_seq = lambda v: torch.repeat_interleave(v, batch.lengths)  # noqa: E731
+        out.append(LossInputs(
+            batch=batch,
+            old_logp=None if m == 0 else -torch.rand(n, generator=g) * 6,  # on-policy, then off-policy (clipping)
+            adv=per_seq(torch.randn(rows, generator=g)),
+            w=per_seq(torch.rand(rows, generator=g) / (micro * rows)),
+            logprob_mask=per_seq(torch.arange(rows) == m % rows),
+        ))
+    return out
+
+
+def hf_oracle(model, micro: list[LossInputs]) -> dict:
+    """Single-process reference: per-micro-batch losses, grads (HF names), grad norm, and
+    the weights after the clipped AdamW step."""
+    model.train()
+    losses = []
+    for x in micro:
+        hidden = model.model(**x.batch.inputs, use_cache=False).last_hidden_state
+        h = hidden[x.batch.positions[:, 0], x.batch.positions[:, 1]]
+        loss, _ = fused_policy_loss(
+            h, model.lm_head.weight, x.batch.targets, x.old_logp, x.adv, x.w, logprob_mask=x.logprob_mask, **LOSS_KW
+        )
+        loss.backward()
+        losses.append(loss.detach())
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    opt = torch.optim.AdamW(model.parameters(), **OPTIM)
+    opt.step()
+    return {"losses": torch.stack(losses), "grads": grads, "norm": float(norm), "weights": model.state_dict()}
+
+
+def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int, tied: bool) -> None:
+    """One rank: load the tiny model into (tp, pp) shards, one step on the random micro-batches;
+    saves losses, local grads (megatron names), grad norm, and the exported HF weights."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from ...parallel.data_parallel import World
+    from ...parallel.megatron import init_megatron
+    from .convert import Layout
+    from .learner import MegatronLearner
+
+    init_megatron(World(rank=rank, size=world), tp, pp, seed=0)
+    model = tiny_vl_model(tied=tied)
+    learner = MegatronLearner(model, Layout.from_hf_config(model.config, tp, pp), **OPTIM)
+    results = learner.forward_backward(random_micro_batches(model.config), **LOSS_KW)
+    grads = {k: p.main_grad.clone() for k, p in learner.module.named_parameters()}
+    norm = learner.step(MAX_NORM)
+    learner.export_to(model)
+    torch.save(
+        {"losses": torch.stack([r[0] for r in results]), "grads": grads, "norm": norm, "weights": model.state_dict()},
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
