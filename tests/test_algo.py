@@ -48,7 +48,10 @@ def test_eliminate_and_smooth_controls():
     assert gold.tolist() == [5.0, 2.25, 5.0]
     assert smoothed.tolist() == [False, True, True]
     gold_no_elim, _ = control_gold_rewards(gold_comps, rollouts, W, THINK, eliminate=False, smooth=False)
-    assert gold_no_elim.tolist() == [6.0, 6.0, 6.0]  # credited full thinking-format reward
+    assert gold_no_elim.tolist() == [6.0, 6.0, 6.0]  # keeps the thinking-format reward it scored
+    no_think = gold_comps.clone()
+    no_think[:, THINK] = 0.0  # a gold that fails the format check is not credited either way
+    assert control_gold_rewards(no_think, rollouts, W, THINK, eliminate=False, smooth=False)[0].tolist() == [5.0] * 3
     gold_no_smooth, flags = control_gold_rewards(gold_comps, rollouts, W, THINK, eliminate=True, smooth=False)
     assert gold_no_smooth.tolist() == [5.0, 5.0, 5.0] and not flags.any()
 

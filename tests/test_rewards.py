@@ -174,15 +174,18 @@ def test_parse_solution_errors(raw, message):
 
 def test_render_and_detect_style_round_trip():
     sol = [{"bbox_2d": [4, 4, 24, 24]}]
-    assert G.render(sol, "compact") == '<answer>[{"bbox_2d":[4,4,24,24]}]</answer>'
-    assert G.render(sol, "spaced") == '<answer>[{"bbox_2d": [4, 4, 24, 24]}]</answer>'
+    assert G.render(sol, "compact") == '<think></think><answer>[{"bbox_2d":[4,4,24,24]}]</answer>'
+    assert G.render(sol, "spaced") == '<think></think><answer>[{"bbox_2d": [4, 4, 24, 24]}]</answer>'
+    assert G.answer(sol, "spaced") == '<answer>[{"bbox_2d": [4, 4, 24, 24]}]</answer>'
+    # the gold passes the format check on its own (eliminate is what removes that credit)
+    assert G.score(G.render(sol, "spaced"), sol) == {"think_format": 1.0, "answer_format": 1.0, "accuracy": 1.0, "non_repeat": 1.0}
     assert G.dataset_style == "compact" and G.think_component == "think_format"
     two = [{"bbox_2d": [1.5, 2, 3, 4], "point_2d": [2, 3]}, {"point_2d": [7, 8]}]
     for s in (sol, two):
         for style in G.styles:
             gold = G.render(s, style)
             assert G.detect_style(gold) == style
-            assert G.detect_style(f"<think>x</think>\n{gold}") == style
+            assert G.detect_style(f"<think>x</think>\n{G.answer(s, style)}") == style
             assert G.extract_answer(gold) == s
 
 
@@ -260,7 +263,8 @@ def test_math_parse_render_detect():
     for bad in ("", "  ", None, True, [1], r"\boxed{1"):
         with pytest.raises(ValueError, match="math solution"):
             M.parse_solution(bad)
-    assert M.render("42", "plain") == "<answer>42</answer>"
+    assert M.render("42", "plain") == "<think></think><answer>42</answer>"
+    assert M.score(M.render("42", "plain"), "42") == {"format": 1.0, "accuracy": 1.0}
     assert M.detect_style("<think>x</think><answer> 42 </answer>") == "plain"
     assert M.detect_style(r"\boxed{42}") is None
     assert M.think_component == "format" and M.styles == ("plain",)

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from visurf_engine.data import load_rows, make_probe_split, make_split, think_trace, write_dataset
-from visurf_engine.data.shapes import cell_tint, render
+from visurf_engine.data.shapes import COLOURS, cell_tint, render
 
 RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
-WHITE = (255, 255, 255)
 
 
 def pixels(row) -> np.ndarray:
@@ -49,7 +48,7 @@ def test_hand_drawn_scene_boxes_and_shapes():
     assert triangle == [32, 60, 52, 80]
     assert (circle_px == (255, 0, 0)).all() and (square_px == (0, 0, 255)).all() and (triangle_px == (255, 255, 0)).all()
     assert len(square_px) == 400  # the square fills its 20x20 box
-    assert 250 < len(circle_px) < 400 and (image[4, 4] == WHITE).all()  # ~ pi * 10^2, corners empty
+    assert 250 < len(circle_px) < 400 and (image[4, 4] == cell_tint(0, 0)).all()  # ~ pi * 10^2, corners empty
     assert 150 < len(triangle_px) < 250
     bg = cell_tint(2, 1)
     assert (image[79, 32:52] != bg).any(axis=-1).all()  # base spans the bottom edge
@@ -58,7 +57,9 @@ def test_hand_drawn_scene_boxes_and_shapes():
     empty = [(r, c) for r in range(3) for c in range(3) if (r, c) not in {(0, 0), (1, 2), (2, 1)}]
     assert all((image[28 * r:28 * r + 28, 28 * c:28 * c + 28] == cell_tint(r, c)).all() for r, c in empty)
     tints = {cell_tint(r, c) for r in range(3) for c in range(3)}
-    assert len(tints) == 9 and cell_tint(0, 0) == WHITE  # every cell tells where it is
+    assert len(tints) == 9  # every cell tells where it is
+    shape_colours = {tuple(c) for c in COLOURS.values()}
+    assert not tints & shape_colours and all(t[2] == 128 for t in tints)  # no background looks like a shape
 
 
 def test_gold_box_bounds_the_drawn_shape_and_scenes_match_meta():

@@ -4,7 +4,9 @@ Like the paper's Qwen2.5-VL on gRefCOCO, the base model can ground objects but h
 answered "no object": it is the ``tiny`` preset warm-started by SFT on *present-object*
 shapes queries only, with a short reasoning trace and the answer in the policy's own
 style (``spaced`` JSON, where the dataset writes ``compact``: what ViSurf's *align*
-control is about). The result is saved with ``save_pretrained`` under
+control is about). A share ``warmstart.probe_share`` of every batch is the forgetting
+probe's task (count / colour questions, ``<answer>2</answer>``), a skill the base model has
+and post-training never sees, so evaluating it before and after measures forgetting. The result is saved with ``save_pretrained`` under
 ``<cache_dir>/shapes-base-<key>`` (key = hash of every setting that shapes it), written to
 a temporary directory and renamed, and then loaded like any real checkpoint.
 """
@@ -33,7 +35,7 @@ from .rewards import get_reward
 log = logging.getLogger(__name__)
 
 POLICY_STYLE = "spaced"  # how the warm-started policy writes its answers
-VERSION = 1  # bump when the recipe changes, to invalidate caches
+VERSION = 2  # bump when the recipe changes, to invalidate caches
 
 
 def _key(cfg: Config) -> str:
@@ -45,6 +47,7 @@ def _key(cfg: Config) -> str:
         "batch_size": ws.batch_size,
         "lr": ws.lr,
         "train_size": ws.train_size,
+        "probe_share": ws.probe_share,
         "seed": cfg.data.seed,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -52,7 +55,12 @@ def _key(cfg: Config) -> str:
 
 def warmstart_target(row, spec) -> str:
     """Reasoning trace + answer in the policy style: what the base model learns to write."""
-    return shapes.think_trace(row) + spec.render(row.solution, POLICY_STYLE)
+    return shapes.think_trace(row) + spec.answer(row.solution, POLICY_STYLE)
+
+
+def probe_target(row) -> str:
+    """The probe answer the base model learns: ``<answer>2</answer>`` / ``<answer>red</answer>``."""
+    return f"<answer>{row.solution}</answer>"
 
 
 def embedded_base_model(cfg: Config, *, progress: bool = True) -> Path:
@@ -66,8 +74,11 @@ def embedded_base_model(cfg: Config, *, progress: bool = True) -> Path:
     spec = get_reward("grounding")
     ws = cfg.warmstart
     rows = shapes.make_split(ws.train_size, seed=cfg.data.seed + 7919, absent_ratio=0.0)
-    corpus = [r.problem for r in rows] + [warmstart_target(r, spec) for r in rows]
-    corpus += [spec.render(r.solution, s) for r in rows[:500] for s in spec.styles] + [spec.render([], s) for s in spec.styles]
+    probe_rows = shapes.make_probe_split(ws.train_size, seed=cfg.data.seed + 7919)  # held-out probe: seed + 1
+    examples = [(r, warmstart_target(r, spec)) for r in rows]
+    probes = [(r, probe_target(r)) for r in probe_rows]
+    corpus = [r.problem for r, _ in examples + probes] + [t for _, t in examples + probes]
+    corpus += [spec.answer(r.solution, s) for r in rows[:500] for s in spec.styles] + [spec.answer([], s) for s in spec.styles]
     tokenizer = train_tokenizer(corpus)
     processor = ImageOnlyProcessor(image_processor_for(shapes.SIZE * shapes.SIZE), tokenizer, chat_template=tokenizer.chat_template)
     torch.manual_seed(cfg.data.seed)
@@ -80,10 +91,12 @@ def embedded_base_model(cfg: Config, *, progress: bool = True) -> Path:
     model.train()
     bar = tqdm(range(ws.steps), desc="warm start (positive-only SFT)", disable=not progress, dynamic_ncols=True)
     loss_ema = None
+    n_probe = round(ws.batch_size * ws.probe_share)
     for step in bar:
-        batch = [rows[i] for i in torch.randint(len(rows), (ws.batch_size,), generator=gen).tolist()]
-        prompts = policy.encode([r.problem for r in batch], [r.image for r in batch])
-        members = [Member(i, policy.encode_text(warmstart_target(r, spec)), 1.0, gold=True, logprob_loss=True) for i, r in enumerate(batch)]
+        batch = [examples[i] for i in torch.randint(len(examples), (ws.batch_size - n_probe,), generator=gen).tolist()]
+        batch += [probes[i] for i in torch.randint(len(probes), (n_probe,), generator=gen).tolist()]
+        prompts = policy.encode([r.problem for r, _ in batch], [r.image for r, _ in batch])
+        members = [Member(i, policy.encode_text(t), 1.0, gold=True, logprob_loss=True) for i, (_, t) in enumerate(batch)]
         lengths = torch.tensor([len(m.tokens) for m in members])
         weights = torch.full((len(members),), 1.0 / int(lengths.sum()))
         lr = ws.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / ws.steps))

@@ -4,9 +4,9 @@
   most of the group's rollouts are written in; where none is recognisable, the style
   whose rendering the policy finds most likely (a caller-supplied scorer). Off: the
   dataset's own style.
-- **eliminate**: the gold carries no reasoning trace, so its thinking-format component is
-  0. Off: the gold is credited the full thinking-format reward, as a label taken to be
-  perfectly formatted.
+- **eliminate**: the gold carries no reasoning trace (its think slot is empty), so its
+  thinking-format component is set to 0. Off: the gold keeps what it scores, which is the
+  full thinking-format reward (an empty think block passes the format check).
 - **smooth**: if ``max_i r_i >= r*`` then ``r* := mean_i r_i`` (rollouts only), so the
   gold's advantage is exactly 0 and the step is pure RLVR for that group.
 """
@@ -62,8 +62,8 @@ def control_gold_rewards(
     ``rollout_rewards[B, G]`` the rollouts' weighted totals, ``weights[C]``.
     """
     comps = gold_components.clone()
-    if think_index is not None:
-        comps[:, think_index] = 0.0 if eliminate else 1.0
+    if eliminate and think_index is not None:
+        comps[:, think_index] = 0.0
     gold = comps @ weights
     smoothed = torch.zeros_like(gold, dtype=torch.bool)
     if smooth:

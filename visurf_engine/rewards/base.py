@@ -1,8 +1,9 @@
 """The reward contract every task family implements, and fault-tolerant batch scoring.
 
 A reward is a weighted sum of named components, ``r = sum_c w_c * r_c`` (DESIGN.md §1).
-A completion is ``<think>...</think><answer>...</answer>``; the gold is rendered as
-``<answer>...</answer>`` alone (it has no reasoning trace) in one of the task's styles.
+A completion is ``<think>...</think><answer>...</answer>``; the gold is rendered in the same
+template with its reasoning slot empty, ``<think></think><answer>...</answer>`` (it has no
+reasoning trace), the answer in one of the task's styles.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # A block's content may not open or close another block of the same tag.
+EMPTY_THINK = "<think></think>"  # the gold's reasoning slot
 _THINK = r"<think>(?:(?!</?think>).)*</think>"
 _ANSWER = r"<answer>((?:(?!</?answer>).)*)</answer>"
 ANSWER_RE = re.compile(_ANSWER, re.DOTALL)
@@ -88,11 +90,21 @@ class RewardSpec(ABC):
     def metrics(self, completions: Sequence[str], solutions: Sequence[Any]) -> dict[str, float]:
         """Eval metrics of the task family over a set of completions."""
 
-    def render(self, solution: Any, style: str) -> str:
-        """The gold completion: ``<answer>`` + the answer in ``style`` + ``</answer>``."""
+    def answer(self, solution: Any, style: str) -> str:
+        """``<answer>`` + the answer in ``style`` + ``</answer>``."""
         if style not in self.styles:
             raise ValueError(f"reward {self.name!r}: unknown style {style!r}; styles are {self.styles}")
         return f"<answer>{self.render_answer(solution, style)}</answer>"
+
+    def render(self, solution: Any, style: str) -> str:
+        """The gold completion: an empty reasoning slot, then ``answer(solution, style)``.
+
+        The gold has no reasoning trace, but it is written in the policy's completion
+        template (``<think></think><answer>..</answer>``), so imitating it never teaches the
+        policy to drop the template, and it passes the think-format check on its own merits:
+        removing that credit is exactly what the *eliminate* control does (paper §3.4).
+        """
+        return EMPTY_THINK + self.answer(solution, style)
 
     def detect_style(self, completion: str) -> str | None:
         """The one style whose re-rendering of the parsed answer equals the answer text.

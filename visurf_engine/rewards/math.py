@@ -3,7 +3,7 @@
 - ``format``: the completion is a ``<think>..</think>`` block followed either by exactly
   ``<answer>..</answer>`` or by text containing a ``\\boxed{..}``. The thinking block is
   required either way, so ``format`` is the component the "eliminate" control zeroes for
-  the gold (``think_component``); the gold ``<answer>..</answer>`` scores 0 on it anyway.
+  the gold (``think_component``); the gold, ``<think></think><answer>..</answer>``, passes it.
 - ``accuracy``: the answer is the content of the last ``<answer>`` block, or of the last
   ``\\boxed{..}`` (balanced braces) inside it, or, with no answer block, in the completion.
   Both sides are normalised (``$``, whitespace, ``\\%``/``%``, ``\\!``/``\\,``/``\\;``,
