@@ -50,7 +50,7 @@ class DataConfig:
     train_size: int = 2000  # shapes task sizes
     eval_size: int = 200
     absent_ratio: float = 0.3  # share of shapes queries whose object is absent
-    probe_size: int = 0  # shapes: forgetting-probe rows (count / colour questions) evaluated with eval; 0 = off
+    probe_size: int = 100  # shapes: forgetting-probe rows (count / colour questions) evaluated with eval; 0 = off
     seed: int = 1234
 
 
@@ -63,6 +63,7 @@ class WarmStartConfig:
     lr: float = 1e-3
     train_size: int = 4000
     probe_share: float = 0.25  # share of each batch that is the forgetting probe's task (count / colour)
+    direct_share: float = 0.5  # share of grounding targets answered directly (empty think slot) instead of reasoned
     cache_dir: str = ".cache/visurf_engine"
 
 
@@ -101,17 +102,17 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 60
+    steps: int = 300
     batch_size: int = 8  # prompts per step (each brings G rollouts [+ gold])
     micro_batch_size: int = 16  # sequences per forward/backward
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     seed: int = 0
     output_dir: str = "runs/default"
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 20
+    eval_every: int = 100  # 0: only at the end
+    save_every: int = 50
     resume: bool = False
     progress: bool = True
 
@@ -232,6 +233,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"parallel.tp/parallel.pp: {cfg.parallel.tp}/{cfg.parallel.pp} need model.backend=megatron")
     if not 0 <= d.absent_ratio <= 1:
         raise ConfigError(f"data.absent_ratio: must be in [0, 1], got {d.absent_ratio}")
+    if not 0 <= cfg.warmstart.direct_share <= 1:
+        raise ConfigError(f"warmstart.direct_share: must be in [0, 1], got {cfg.warmstart.direct_share}")
     if not 0 <= cfg.warmstart.probe_share < 1:
         raise ConfigError(f"warmstart.probe_share: must be in [0, 1), got {cfg.warmstart.probe_share}")
     if d.probe_size < 0 or d.probe_size and d.task != "shapes":
