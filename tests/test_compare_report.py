@@ -149,6 +149,8 @@ def test_results_doc_keeps_the_hand_written_reading(tmp_path):
     assert "Not generated yet" not in text and "## Reading" in text and "at commit `abc123`" in text
     assert "![training dynamics](results/training_curves.png)" in text
     assert (tmp_path / "docs" / "results" / "heldout_curves.png").is_file()
+    data = json.loads((tmp_path / "docs" / "results" / "results.json").read_text())
+    assert data["summary"] == report._jsonable(rep["summary"]) and "(results/results.json)" in text
     doc.write_text(text.replace("To be written after the full run.", "ViSurf wins, by hand."))
     rep["results_table"] = "| regenerated |"
     write_results_doc(doc, rep)

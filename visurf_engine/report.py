@@ -255,7 +255,7 @@ def write_report(results: Sequence[dict[str, Any]], runs: dict[str, list[Series]
         "summary": summary, "correlation": corr, "provenance": provenance,
         "results_table": format_results_table(summary), "correlation_table": format_correlation_table(corr),
         "figures": {k: str(v) for k, v in figures.items()},
-        "runs": list(results),
+        "runs": list(results), "data": str(out_dir / "results.json"),
     }
     (out_dir / "results.json").write_text(json.dumps(_jsonable(report), indent=1))
     (out_dir / "results.md").write_text(_markdown(report, {k: v.name for k, v in figures.items()}))
@@ -304,7 +304,7 @@ def _markdown(report: dict[str, Any], figure_links: dict[str, str]) -> str:
 def write_results_doc(doc: Path, report: dict[str, Any]) -> Path:
     """Write the generated part of ``report`` into ``doc`` between the ``BEGIN`` / ``END``
     markers, keeping everything outside them (the hand-written reading); a new ``doc`` starts
-    from ``DOC_TEMPLATE``. Figures are copied to ``<doc stem>/`` beside it."""
+    from ``DOC_TEMPLATE``. Figures and ``results.json`` are copied to ``<doc stem>/`` beside it."""
     doc = Path(doc)
     fig_dir = doc.parent / doc.stem
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -315,6 +315,8 @@ def write_results_doc(doc: Path, report: dict[str, Any]) -> Path:
     text = doc.read_text() if doc.is_file() else DOC_TEMPLATE
     if BEGIN not in text or END not in text:
         raise ValueError(f"{doc}: the generated-section markers are missing; expected {BEGIN!r} and {END!r}")
-    block = f"{BEGIN}\n{_markdown(report, links)}{END}"
+    shutil.copyfile(report["data"], fig_dir / "results.json")
+    data = f"\nThe numbers as JSON: [{doc.stem}/results.json]({doc.stem}/results.json).\n"
+    block = f"{BEGIN}\n{_markdown(report, links)}{data}{END}"
     doc.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, count=1, flags=re.DOTALL))
     return doc
