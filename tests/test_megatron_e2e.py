@@ -31,7 +31,7 @@ SMALL = [
     "warmstart.steps=3", "warmstart.batch_size=4", "warmstart.train_size=48",
     "rollout.n=3", "rollout.max_new_tokens=12", "rollout.eval_max_new_tokens=12",
     "train.batch_size=2", "train.micro_batch_size=3", "train.progress=false", "loss.backend=torch",
-    "train.steps=3", "train.save_every=3",
+    "train.steps=3", "train.save_every=3", "train.lr=1e-4", "data.probe_size=0",
 ]
 # float32; the backends sum in different orders (fused QKV, split heads, vocab-parallel softmax)
 METRIC_RTOL = 1e-4
