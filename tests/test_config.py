@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from visurf_engine.config import ConfigError, load_config
@@ -56,3 +58,9 @@ def test_bad_yaml_names_file_and_key(tmp_path):
 def test_sft_then_rlvr_split_must_fit():
     with pytest.raises(ConfigError, match="algo.sft_steps"):
         load_config(None, ["algo.paradigm=sft_then_rlvr", "train.steps=4", "algo.sft_steps=4"])
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        if path.name != "compare_shapes.yaml":  # a comparison file, read by visurf_engine.compare
+            load_config(path)

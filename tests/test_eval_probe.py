@@ -54,3 +54,6 @@ def test_probe_size_is_validated():
         load_config(None, ["data.probe_size=-1"])
     with pytest.raises(ConfigError, match="data.probe_size"):  # the probe is a shapes-task family
         load_config(None, ["data.task=files", "data.train_path=x.jsonl", "data.probe_size=10"])
+    # unset, it is on for the embedded task and off for files, so a files config loads as is
+    assert load_config(None, []).data.probe_size == 100
+    assert load_config(None, ["data.task=files", "data.train_path=x.jsonl"]).data.probe_size == 0

@@ -50,7 +50,7 @@ class DataConfig:
     train_size: int = 2000  # shapes task sizes
     eval_size: int = 200
     absent_ratio: float = 0.3  # share of shapes queries whose object is absent
-    probe_size: int = 100  # shapes: forgetting-probe rows (count / colour questions) evaluated with eval; 0 = off
+    probe_size: int | None = None  # forgetting-probe rows (count / colour questions) scored at every evaluation; shapes only; None: 100 on shapes, else 0
     seed: int = 1234
 
 
@@ -237,6 +237,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"warmstart.direct_share: must be in [0, 1], got {cfg.warmstart.direct_share}")
     if not 0 <= cfg.warmstart.probe_share < 1:
         raise ConfigError(f"warmstart.probe_share: must be in [0, 1), got {cfg.warmstart.probe_share}")
+    if d.probe_size is None:
+        d.probe_size = 100 if d.task == "shapes" else 0
     if d.probe_size < 0 or d.probe_size and d.task != "shapes":
         raise ConfigError(f"data.probe_size: must be >= 0, and 0 unless data.task=shapes, got {d.probe_size} (task {d.task})")
     return cfg
