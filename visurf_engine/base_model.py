@@ -9,10 +9,11 @@ after an empty think slot (the gold's own template), the rest after a short reas
 A reasoning-only base (``direct_share: 0``) relies on its trace to localise, and imitating
 trace-less golds then erodes it: measured, ViSurf's entropy rose 0.06 -> 0.3-1.2 in 60
 steps and one seed in three collapsed (parse rate 0.32), and SFT fell from bbox_acc 0.76 to
-0.31. A share ``warmstart.probe_share`` of every batch is the forgetting
-probe's task (count / colour questions, ``<answer>2</answer>``), a skill the base model has
-and post-training never sees, so evaluating it before and after measures forgetting. The result is saved with ``save_pretrained`` under
-``<cache_dir>/shapes-base-<key>`` (key = hash of every setting that shapes it), written to
+0.31. A share ``warmstart.probe_share`` of every batch is the forgetting probe's task
+(count / colour questions, ``<answer>2</answer>``), a skill the base model has and
+post-training never sees, so evaluating it before and after measures forgetting.
+
+The result is saved with ``save_pretrained`` under ``<cache_dir>/shapes-base-<key>`` (key = hash of every setting that shapes it), written to
 a temporary directory and renamed, and then loaded like any real checkpoint.
 """
 
