@@ -13,8 +13,9 @@ steps and one seed in three collapsed (parse rate 0.32), and SFT fell from bbox_
 (count / colour questions, ``<answer>2</answer>``), a skill the base model has and
 post-training never sees, so evaluating it before and after measures forgetting.
 
-The result is saved with ``save_pretrained`` under ``<cache_dir>/shapes-base-<key>`` (key = hash of every setting that shapes it), written to
-a temporary directory and renamed, and then loaded like any real checkpoint.
+The result is saved with ``save_pretrained`` under ``<cache_dir>/shapes-base-<key>`` (key =
+hash of every setting that shapes it), written to a temporary directory and renamed, and
+then loaded like any real checkpoint.
 """
 
 from __future__ import annotations
