@@ -1,35 +1,24 @@
 """visurf-engine: one-stage SFT + RLVR (ViSurf) post-training for vision-language models.
 
-``kernels/`` is installed as ``visurf_engine.kernels``: a top-level ``kernels`` package
-would shadow the Hugging Face ``kernels`` package that transformers probes for.
+The fused loss kernels are their own distribution, ``visurf-kernels`` (``kernels/``, import
+name ``visurf_kernels``; torch + triton only), which this package depends on: install both
+from the repository root with ``pip install -e ./kernels -e ".[test]"``.
 
 torch is not pinned to a build here: install the build for your machine first
 (CPU: ``pip install torch==2.13.0``; GPU: the CUDA build you use). A bare ``torch``
 requirement would pull a multi-GB CUDA wheel onto a CPU machine.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="visurf-engine",
     version="0.1.0",
     description="Kernel-optimized ViSurf (SFT + RLVR in one stage) post-training engine for VLMs",
     python_requires=">=3.10",
-    packages=[
-        "visurf_engine",
-        "visurf_engine.algo",
-        "visurf_engine.data",
-        "visurf_engine.eval",
-        "visurf_engine.models",
-        "visurf_engine.models.megatron",
-        "visurf_engine.parallel",
-        "visurf_engine.rewards",
-        "visurf_engine.rollout",
-        "visurf_engine.kernels",
-    ],
-    package_dir={"visurf_engine.kernels": "kernels"},
-    package_data={"visurf_engine": ["configs/*.yaml"]},
+    packages=find_packages(include=["visurf_engine", "visurf_engine.*"]),
     install_requires=[
+        "visurf-kernels==0.1.0",
         "torch>=2.6",
         "transformers>=5.17,<6",
         "tokenizers>=0.22",

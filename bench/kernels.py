@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from visurf_engine.kernels import fused_logprobs, fused_policy_loss
+from visurf_kernels import LossSpec, fused_logprobs, fused_policy_loss
 
 GPU_SHAPES = {"qwen2.5-vl-3b": (2048, 151936), "qwen2.5-vl-7b": (3584, 152064)}
 CPU_SHAPES = {"cpu-small": (256, 8192)}
@@ -56,7 +56,7 @@ def make_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: tor
     weight = (torch.randn(vocab, hidden, generator=g, device=device, dtype=torch.float32) * (3.0 / math.sqrt(hidden))).to(dtype)
     targets = torch.randint(0, vocab, (n,), generator=g, device=device)
     backend = "triton" if device.type == "cuda" else "torch"
-    logp, _ = fused_logprobs(h, weight, targets, backend=backend)
+    logp, _ = fused_logprobs(h, weight, targets, LossSpec(backend=backend))
     old_logp = logp + 0.2 * torch.randn(n, generator=g, device=device)  # ratios around 1, some clipped
     adv = torch.randn(n, generator=g, device=device)
     w = torch.full((n,), 1.0 / n, device=device)
@@ -65,10 +65,8 @@ def make_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: tor
 
 def _ours(backend: str):
     def run(x: dict):
-        loss, _ = fused_policy_loss(
-            x["hidden"], x["weight"], x["targets"], x["old_logp"], x["adv"], x["w"],
-            eps_low=EPS_LOW, eps_high=EPS_HIGH, backend=backend,
-        )  # fmt: skip
+        spec = LossSpec(eps_low=EPS_LOW, eps_high=EPS_HIGH, backend=backend)
+        loss, _ = fused_policy_loss(x["hidden"], x["weight"], x["targets"], x["old_logp"], x["adv"], x["w"], spec)
         loss.backward()
 
     return run

@@ -1,15 +1,22 @@
 """Session-wide test setup.
 
+``engine_testing`` (fixtures that spawned ranks import too, e.g. the megatron workers) sits
+beside the tests and is put on ``sys.path`` here; multiprocessing's spawn hands the parent's
+``sys.path`` to its children. It is not part of the installed package.
+
 Without a GPU the Triton kernels can only run in Triton's interpreter, and
 ``TRITON_INTERPRET`` is read when ``@triton.jit`` functions are decorated, i.e. at the first
-import of any module that defines kernels — possibly transformers, long before
-``test_kernels_triton.py`` is collected. Setting it here, before any test module imports
-anything, makes the order of test files irrelevant.
+import of any module that defines kernels — possibly transformers, long before the Triton
+tests are collected. Setting it here, before any test module imports anything, makes the
+order of test files irrelevant.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -9,11 +9,13 @@ import math
 import pytest
 import torch
 
+from visurf_kernels import LossSpec, policy_loss_from_logp
+from visurf_kernels.reference import fused_policy_loss_reference, logprobs_reference
+
 from visurf_engine.algo.advantages import group_advantages
-from visurf_engine.algo.paradigms import Member, assign_advantages, build_members, phase_of, sequence_weights
-from visurf_engine.algo.reward_control import choose_style, control_gold_rewards
-from visurf_engine.kernels import policy_loss_from_logp
-from visurf_engine.kernels.reference import fused_policy_loss_reference
+from visurf_engine.algo.gold import choose_styles, control_gold_rewards
+from visurf_engine.algo.members import build_members, sequence_weights
+from visurf_engine.algo.paradigms import PARADIGMS, RLVR, SFT, VISURF, GroupRewards, get_paradigm
 from visurf_engine.rewards import get_reward
 
 G = get_reward("grounding")
@@ -60,7 +62,7 @@ def test_smoothed_gold_advantage_is_exactly_zero_and_rollouts_unchanged():
     rollouts = torch.tensor([[0.3, 0.7, 0.1, 0.9]])
     gold, smoothed = control_gold_rewards(torch.tensor([[0.0, 0.1, 0.1, 0.0]]), rollouts, W, THINK, eliminate=True, smooth=True)
     assert smoothed.item()
-    r_adv, g_adv = assign_advantages("visurf", 1, rollouts, gold, smoothed, norm_by_std=True, eps=1e-6)
+    r_adv, g_adv = VISURF.advantages(GroupRewards(1, rollouts, gold, smoothed), norm_by_std=True, eps=1e-6)
     assert g_adv.item() == 0.0
     # with r* = mean, the G+1 mean is the rollout mean and the unbiased std shrinks by sqrt((G-1)/G)
     r = rollouts.double()[0]
@@ -71,28 +73,36 @@ def test_smoothed_gold_advantage_is_exactly_zero_and_rollouts_unchanged():
 def test_visurf_gold_advantage_positive_when_rollouts_fail():
     rollouts = torch.tensor([[3.0, 3.0, 3.0, 3.0]])
     gold = torch.tensor([5.0])
-    r_adv, g_adv = assign_advantages("visurf", 1, rollouts, gold, torch.tensor([False]), norm_by_std=True, eps=0.0)
+    r_adv, g_adv = VISURF.advantages(GroupRewards(1, rollouts, gold, torch.tensor([False])), norm_by_std=True, eps=0.0)
     # group [3,3,3,3,5]: mean 3.4, unbiased std sqrt(0.8)
     assert math.isclose(g_adv.item(), 1.6 / math.sqrt(0.8), rel_tol=1e-6)
     assert torch.allclose(r_adv, torch.full((1, 4), -0.4 / math.sqrt(0.8)))
 
 
 def test_rlvr_and_sft_advantages():
-    r_adv, g_adv = assign_advantages("rlvr", 2, torch.tensor([[0.0, 1.0], [1.0, 1.0]]), None, None, norm_by_std=False, eps=0.0)
+    r_adv, g_adv = RLVR.advantages(GroupRewards(2, torch.tensor([[0.0, 1.0], [1.0, 1.0]])), norm_by_std=False, eps=0.0)
     assert g_adv is None and r_adv.tolist() == [[-0.5, 0.5], [0.0, 0.0]]
-    r_adv, g_adv = assign_advantages("sft", 3, None, None, None, norm_by_std=True, eps=1e-6)
+    r_adv, g_adv = SFT.advantages(GroupRewards(3), norm_by_std=True, eps=1e-6)
     assert r_adv is None and g_adv.tolist() == [1.0, 1.0, 1.0]
 
 
+def phase_of(paradigm, step, sft_steps):
+    return get_paradigm(paradigm).phase(step, sft_steps).name
+
+
 def test_phase_of_paradigms():
+    assert set(PARADIGMS) == {"sft", "rlvr", "visurf", "sft_then_rlvr"}
     assert [phase_of("sft_then_rlvr", s, 2) for s in range(4)] == ["sft", "sft", "rlvr", "rlvr"]
     assert phase_of("visurf", 0, 2) == "visurf" and phase_of("rlvr", 9, 2) == "rlvr" and phase_of("sft", 9, 2) == "sft"
+    with pytest.raises(ValueError, match="unknown paradigm"):
+        get_paradigm("ppo")
 
 
 def test_build_members_orders_groups_and_flags_gold():
     members = build_members([[[1], [2, 3]], [[4], [5]]], torch.tensor([[0.5, -0.5], [0.0, 0.0]]),
                             [[9, 9], [8]], torch.tensor([1.5, 0.0]), gold_logprob_loss=True)
-    assert [(m.prompt, m.tokens, m.adv, m.gold, m.logprob_loss) for m in members] == [
+    assert list(zip(members.prompt.tolist(), members.tokens, members.adv.tolist(), members.gold.tolist(),
+                    members.logprob_loss.tolist())) == [
         (0, [1], 0.5, False, False), (0, [2, 3], -0.5, False, False), (0, [9, 9], 1.5, True, True),
         (1, [4], 0.0, False, False), (1, [5], 0.0, False, False), (1, [8], 0.0, True, True)]
 
@@ -112,16 +122,16 @@ def test_surrogate_hand_computed_clip_and_dual_clip():
     logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 5.0, 5.0], dtype=torch.float64))
     adv = torch.tensor([1.0, -1.0, 2.0, -1.0, -1.0], dtype=torch.float64)
     w = torch.ones(5, dtype=torch.float64)
-    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, eps_low=0.2, eps_high=0.2)
+    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, LossSpec(eps_low=0.2, eps_high=0.2))
     # ratio 1.5, A=1 -> 1.2 (clipped); ratio .5, A=-1 -> min(-.5, -.8) = -.8 (clipped);
     # ratio 1.1, A=2 -> 2.2 (inside); ratio 5, A=-1 -> min(-5, -1.2) = -5 (not clipped)
     assert torch.allclose(-loss_t, torch.tensor([1.2, -0.8, 2.2, -5.0, -5.0], dtype=torch.float64))
     assert clipped.tolist() == [True, True, False, False, False]
-    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, LossSpec(eps_low=0.2, eps_high=0.2, dual_clip=3.0))
     assert torch.allclose(-loss_t[3:], torch.tensor([-3.0, -3.0], dtype=torch.float64))  # max(-5, 3 * -1)
     assert clipped.tolist() == [True, True, False, True, True]
     lp_mask = torch.tensor([True, False, False, False, False])
-    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, eps_low=0.2, eps_high=0.2, logprob_mask=lp_mask)
+    _, loss_t, clipped = policy_loss_from_logp(logp, old, adv, w, LossSpec(eps_low=0.2, eps_high=0.2), lp_mask)
     assert math.isclose(loss_t[0].item(), -math.log(1.5)) and not clipped[0]  # -A * logp, no clip
 
 
@@ -138,19 +148,20 @@ def test_eager_loss_gradcheck_float64():
     mask = torch.tensor([False, True, False, False, True, False, False])
 
     def f(hh, ww):
-        return fused_policy_loss_reference(hh, ww, targets, old, adv, w, temperature=0.7, eps_low=0.2,
-                                           eps_high=0.28, dual_clip=3.0, logprob_mask=mask)[0]
+        return fused_policy_loss_reference(hh, ww, targets, old, adv, w, spec, mask)[0]
 
+    spec = LossSpec(temperature=0.7, eps_low=0.2, eps_high=0.28, dual_clip=3.0)
     assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-8)
     # on-policy (old_logp=None): ratio 1, gradient = -sum_t w_t A_t grad logp_t
-    loss, stats = fused_policy_loss_reference(hidden, weight, targets, None, adv, w, temperature=0.7)
+    spec = LossSpec(temperature=0.7)
+    loss, stats = fused_policy_loss_reference(hidden, weight, targets, None, adv, w, spec)
     loss.backward()
     grad_ppo = hidden.grad.clone()
     hidden.grad = None
     valid = targets != -100
-    logp = fused_policy_loss_reference(hidden, weight, targets, None, adv, w, temperature=0.7)[1]["logp"]
+    logp = fused_policy_loss_reference(hidden, weight, targets, None, adv, w, spec)[1]["logp"]
     assert math.isclose(loss.item(), -(w * adv)[valid].sum().item(), rel_tol=1e-12)
-    lp, _ = __import__("visurf_engine.kernels.reference", fromlist=["x"]).logprobs_reference(hidden, weight, targets, temperature=0.7)
+    lp, _ = logprobs_reference(hidden, weight, targets, spec)
     (-(w * adv * lp).sum()).backward()
     assert torch.allclose(grad_ppo, hidden.grad, rtol=1e-12, atol=1e-14)
     assert torch.equal(logp, lp.detach())
@@ -163,17 +174,35 @@ def test_choose_style_align_controls():
     cands = {s: G.render(sol, s) for s in G.styles}
     calls = []
 
-    def loglik(texts):
-        calls.append(texts)
+    def loglik(groups, texts):
+        calls.append((groups, texts))
         return [0.0 if t == cands["spaced"] else -5.0 for t in texts]
+
+    def choose_style(spec, rollout_texts, candidates, **kw):  # one group
+        return choose_styles(spec, [rollout_texts], [candidates], **kw)[0]
 
     kw = dict(align_style="auto", loglik=loglik)
     assert choose_style(G, [spaced, spaced, compact], cands, align=True, **kw) == "spaced"
     assert choose_style(G, [spaced, compact, compact], cands, align=True, **kw) == "compact"
     assert not calls
     assert choose_style(G, ["garbage", "<answer>[]</answer>"], cands, align=True, **kw) == "spaced"  # loglik fallback
-    assert calls == [[cands["compact"], cands["spaced"]]]
+    assert calls == [([0, 0], [cands["compact"], cands["spaced"]])]
     assert choose_style(G, [spaced], cands, align=False, **kw) == "compact"  # dataset style
     assert choose_style(G, [compact], cands, align=True, align_style="spaced", loglik=None) == "spaced"
     with pytest.raises(ValueError, match="align_style"):
         choose_style(G, [], cands, align=True, align_style="pretty", loglik=None)
+
+
+def test_choose_styles_scores_every_unrecognised_group_in_one_call():
+    spaced = '<think>x</think><answer>[{"bbox_2d": [4, 4, 24, 24]}]</answer>'
+    sols = [[{"bbox_2d": [32, 4, 52, 24]}], [], [{"bbox_2d": [4, 32, 24, 52]}]]
+    cands = [{s: G.render(sol, s) for s in G.styles} for sol in sols]
+    calls = []
+
+    def loglik(groups, texts):  # group 0 prefers compact, group 2 spaced
+        calls.append(groups)
+        return [float((g == 0) == ("[{\"bbox_2d\":[" in t)) for g, t in zip(groups, texts)]
+
+    styles = choose_styles(G, [["garbage"], [spaced], ["<answer>[]</answer>"]], cands, align=True, align_style="auto",
+                           loglik=loglik)
+    assert styles == ["compact", "spaced", "spaced"] and calls == [[0, 0, 2, 2]]

@@ -7,8 +7,7 @@ import math
 import pytest
 
 from visurf_engine.config import ConfigError, load_config
-from visurf_engine.data import shapes
-from visurf_engine.eval.probe import probe_correct, probe_metrics
+from visurf_engine.tasks.shapes.probe import make_probe_split, probe_correct, probe_metrics
 
 
 @pytest.mark.parametrize("completion, solution, expected", [
@@ -42,7 +41,7 @@ def test_probe_metrics_hand_computed():
 
 
 def test_probe_rows_score_their_own_solutions():
-    rows = shapes.make_probe_split(40, seed=3)
+    rows = make_probe_split(40, seed=3)
     gold = [f"<answer>{r.solution}</answer>" for r in rows]
     m = probe_metrics(gold, [r.solution for r in rows], [r.meta["question"] for r in rows])
     assert m["probe_acc"] == 1.0 and set(m) == {"probe_acc", "probe_acc/colour", "probe_acc/count"}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visurf_engine.models.megatron.convert import Layout, hf_to_megatron, megatron_to_hf
-from visurf_engine.models.megatron.testing import tiny_vl_model
+from engine_testing.megatron import tiny_vl_model
+from visurf_engine.learners.megatron.convert import Layout, hf_to_megatron, megatron_to_hf
 
 
 def _shards(hf, lay):

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
-from visurf_engine.base_model import embedded_base_model  # noqa: E402
 from visurf_engine.config import ConfigError, load_config  # noqa: E402
 from visurf_engine.models.hf import load_pretrained  # noqa: E402
+from visurf_engine.tasks import prepare_base_model  # noqa: E402
 from visurf_engine.trainer import Trainer  # noqa: E402
 
 SMALL = [
@@ -47,7 +47,7 @@ def hf_run(tmp_path_factory):
     """The reference: the same run on the HF backend, in this process."""
     root = tmp_path_factory.mktemp("megatron-e2e")
     args = SMALL + [f"warmstart.cache_dir={root / 'cache'}", f"train.output_dir={root / 'hf'}"]
-    embedded_base_model(load_config(None, args))  # built once, before the runs that share it
+    prepare_base_model(load_config(None, args))  # built once, before the runs that share it
     Trainer(load_config(None, args)).run()
     return root, args
 
@@ -83,7 +83,7 @@ def test_visurf_steps_match_hf_and_checkpoint_loads_into_hf(hf_run, tp, pp):
 def _assert_checkpoint_loads_into_hf_and_matches(root, args, out):
     ckpt = out / "checkpoints" / "step_000003"
     assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt", "state.json"}
-    model, _ = load_pretrained(embedded_base_model(load_config(None, args)))
+    model, _ = load_pretrained(prepare_base_model(load_config(None, args)))
     base = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
     ref_weights = load_file(str(root / "hf" / "checkpoints" / "step_000003" / "model.safetensors"))

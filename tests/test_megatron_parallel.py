@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
-from visurf_engine.models.megatron.convert import Layout, megatron_to_hf  # noqa: E402
-from visurf_engine.models.megatron.testing import hf_oracle, parallel_worker, random_micro_batches, tiny_vl_model  # noqa: E402
+from engine_testing.megatron import hf_oracle, parallel_worker, random_micro_batches, tiny_vl_model  # noqa: E402
+from visurf_engine.learners.megatron.convert import Layout, megatron_to_hf  # noqa: E402
 
 # float32: losses and gradients relative to their scale; weights after one AdamW step (lr 1e-3)
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)

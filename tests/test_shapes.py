@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from visurf_engine.data import load_rows, make_probe_split, make_split, think_trace, write_dataset
-from visurf_engine.data.shapes import COLOURS, cell_tint, render
+from visurf_engine.data import load_rows, write_dataset
+from visurf_engine.tasks.shapes import make_probe_split, make_split, render, think_trace
+from visurf_engine.tasks.shapes.generator import COLOURS, cell_tint
 
 RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 

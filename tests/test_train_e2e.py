@@ -1,4 +1,5 @@
-"""End to end on the tiny preset: every paradigm runs a few steps, and resume is bit-exact."""
+"""End to end on the tiny preset: every paradigm runs a few steps, resume is bit-exact, and a
+trainer is built on a prepared base model without training anything itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from visurf_engine.config import load_config
+from visurf_engine.learners import HFLearner
 from visurf_engine.rewards import REWARDS, GroundingReward, register
+from visurf_engine.tasks import prepare_base_model
 from visurf_engine.train import main
 from visurf_engine.trainer import Trainer
 
@@ -39,7 +42,10 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("base-cache"))
+    """A cache directory holding the small settings' base model (built once, here)."""
+    root = str(tmp_path_factory.mktemp("base-cache"))
+    prepare_base_model(load_config(None, SMALL + [f"warmstart.cache_dir={root}"]), progress=False)
+    return root
 
 
 def small_cfg(cache, out, *extra):
@@ -99,3 +105,16 @@ def test_cli_prints_table_and_rejects_bad_keys(cache, tmp_path, capsys):
     assert json.loads((tmp_path / "eval.json").read_text())["final"]["parse_rate"] >= 0
     assert main(["algo.paradigmm=sft"]) == 2
     assert "unknown config key 'algo.paradigmm'" in capsys.readouterr().err
+
+
+def test_trainer_on_a_prepared_base_model_trains_nothing(cache, tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(HFLearner, "step", lambda self, clip: steps.append(clip) or 0.0)
+    trainer = Trainer(small_cfg(cache, tmp_path, "train.steps=1"))
+    assert steps == [] and trainer.start_step == 0
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_trainer_without_a_base_model_says_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare_base_model"):
+        Trainer(small_cfg(tmp_path / "empty-cache", tmp_path / "run"))

@@ -2,44 +2,31 @@
 
 Layout under ``<output_dir>/checkpoints/``::
 
-    step_000020/model.safetensors     policy weights (safetensors)
-    step_000020/optimizer.pt          optimizer state (model.backend=megatron: optimizer_rank{r}.pt,
-                                      each rank's state over its local shards)
+    step_000020/model.safetensors     policy weights (safetensors; tied weights stored once)
+    step_000020/optimizer.pt          optimizer state (a learner with a sharded optimizer, e.g.
+                                      model.backend=megatron: optimizer_rank{r}.pt, each rank's own)
     step_000020/rng_rank{r}.pt        python / numpy / torch (+ CUDA) RNG states of rank r
     step_000020/state.json            step, data-sampler position, config
     latest                            name of the newest complete checkpoint
 
 A checkpoint is written into ``step_N.tmp`` and renamed into place; ``latest`` is replaced
-by rename too, so a crash at any moment leaves the previous checkpoint intact.
+by rename too, so a crash at any moment leaves the previous checkpoint intact. ``save``
+runs the whole sequence on every rank of a world (rank 0 writes the shared files).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+from .parallel.data_parallel import World, barrier
+from .rng import rng_state, set_rng_state
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -49,10 +36,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any], rank: int = 0
+    root: Path, step: int, model: torch.nn.Module, optimizer_state: dict | None, state: dict[str, Any], rank: int = 0
 ) -> Path:
     """Write checkpoint ``step`` (rank 0 writes weights/optimizer/state; each rank its RNG).
-    ``optimizer=None``: each rank writes its own with ``save_optimizer_shard``.
+    ``optimizer_state=None``: each rank writes its own with ``save_optimizer_shard``.
 
     Multi-rank callers must barrier between this call on all ranks and ``commit_checkpoint``.
     """
@@ -62,8 +49,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))  # tied weights (shared storage) stored once
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     return tmp
 
@@ -72,8 +59,8 @@ def save_rng(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
 
 
-def save_optimizer_shard(tmp: Path, rank: int, optimizer: torch.optim.Optimizer) -> None:
-    torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{rank}.pt")
+def save_optimizer_shard(tmp: Path, rank: int, optimizer_state: dict) -> None:
+    torch.save(optimizer_state, tmp / f"optimizer_rank{rank}.pt")
 
 
 def commit_checkpoint(root: Path, step: int, keep: int = 2) -> Path:
@@ -88,6 +75,22 @@ def commit_checkpoint(root: Path, step: int, keep: int = 2) -> Path:
     return final
 
 
+def save(
+    root: Path, step: int, model: torch.nn.Module, optimizer_state: dict, state: dict[str, Any], world: World,
+    *, sharded_optimizer: bool,
+) -> None:  # fmt: skip
+    """Checkpoint ``step`` from every rank of ``world``: shared files, RNGs, optimizer shards, commit."""
+    tmp = save_checkpoint(root, step, model, None if sharded_optimizer else optimizer_state, state, world.rank)
+    barrier(world)
+    save_rng(tmp, world.rank)
+    if sharded_optimizer:
+        save_optimizer_shard(tmp, world.rank, optimizer_state)
+    barrier(world)
+    if world.is_main:
+        commit_checkpoint(root, step)
+    barrier(world)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / "latest"
     if not pointer.is_file():
@@ -98,10 +101,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
-    """Restore weights, optimizer and this rank's RNG; return ``state.json``."""
+def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict[str, Any], dict]:
+    """Restore the weights into ``model`` and this rank's RNG; ``(state.json, this rank's optimizer state)``."""
     load_model(model, str(path / "model.safetensors"), strict=True)
     shared = path / "optimizer.pt"
-    optimizer.load_state_dict(torch.load(shared if shared.is_file() else path / f"optimizer_rank{rank}.pt", weights_only=False))
+    optimizer_state = torch.load(shared if shared.is_file() else path / f"optimizer_rank{rank}.pt", weights_only=False)
     set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))
-    return json.loads((path / "state.json").read_text())
+    return json.loads((path / "state.json").read_text()), optimizer_state

@@ -50,6 +50,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_from_mapping
 from .parallel.data_parallel import World, barrier, init_world
 from .report import read_metrics, write_report, write_results_doc
+from .tasks import prepare_base_model
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def run_job(job: Job, world: World, session: dict[str, Any]) -> dict[str, Any]:
     path = job.dir / "result.json"
     if not path.is_file():
         start = time.perf_counter()
+        prepare_base_model(job.cfg, world, progress=job.cfg.train.progress)
         trainer = Trainer(job.cfg, world)
         resumed_from = trainer.start_step
         evals = trainer.run()

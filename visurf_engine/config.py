@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from visurf_kernels import BACKENDS, LossSpec
 
-PARADIGMS = ("sft", "rlvr", "visurf", "sft_then_rlvr")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from .algo.members import AGGREGATIONS
+from .algo.paradigms import PARADIGMS
 
 
 class ConfigError(ValueError):
@@ -79,7 +80,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    paradigm: str = "visurf"  # sft | rlvr | visurf | sft_then_rlvr
+    paradigm: str = "visurf"  # a registered paradigm (algo.paradigms): sft | rlvr | visurf | sft_then_rlvr
     sft_steps: int = -1  # sft_then_rlvr: SFT steps before RLVR; -1 = half of train.steps
     align: bool = True  # render the gold in the policy's own style
     align_style: str = "auto"  # auto | a style name of the reward (used when align is on)
@@ -130,6 +131,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def loss_spec(self) -> LossSpec:
+        """The run's loss options as the kernel's ``LossSpec``, the one place config keys meet it:
+        the sampling temperature (log-probs of the sampled distribution), ``algo.eps_low`` /
+        ``eps_high`` / ``dual_clip``, ``loss.backend``; the entropy is always reported (logged)."""
+        a = self.algo
+        return LossSpec(temperature=self.rollout.temperature, eps_low=a.eps_low, eps_high=a.eps_high,
+                        dual_clip=a.dual_clip, with_entropy=True, backend=self.loss.backend)  # fmt: skip
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -196,10 +205,10 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 def validate(cfg: Config) -> Config:
     a, t, r, d = cfg.algo, cfg.train, cfg.rollout, cfg.data
-    _check_choice("algo.paradigm", a.paradigm, PARADIGMS)
+    _check_choice("algo.paradigm", a.paradigm, tuple(PARADIGMS))
     _check_choice("algo.aggregation", a.aggregation, AGGREGATIONS)
     _check_choice("algo.gold_loss", a.gold_loss, ("ppo", "logprob"))
-    _check_choice("loss.backend", cfg.loss.backend, ("auto", "triton", "torch", "reference"))
+    _check_choice("loss.backend", cfg.loss.backend, BACKENDS)
     _check_choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
     _check_choice("model.backend", cfg.model.backend, ("hf", "megatron"))
     _check_choice("rollout.backend", r.backend, ("hf",))

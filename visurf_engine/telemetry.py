@@ -1,10 +1,13 @@
-"""Metrics: one JSON object per step in ``metrics.jsonl`` plus TensorBoard scalars, and GPU
-telemetry (utilisation, memory, power) from NVML when a GPU is present."""
+"""Metrics: one JSON object per step in ``metrics.jsonl`` plus TensorBoard scalars, GPU
+telemetry (utilisation, memory, power) from NVML when a GPU is present, and the wall time
+of a step's phases (``PhaseTimer``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +74,19 @@ class _Nvml:
             "gpu/mem_used_gib": mem.used / 2**30,
             "gpu/power_w": self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0,
         }
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step: ``time/<phase>`` (summed over repeats) and ``time/step``."""
+
+    def __init__(self):
+        self.times, self.t0 = {}, time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return self.times | {"time/step": time.perf_counter() - self.t0}

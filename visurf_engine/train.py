@@ -2,7 +2,8 @@
 
 With no arguments it post-trains the embedded default (the tiny Qwen2.5-VL-architecture
 policy on the shapes grounding task) with ViSurf, then prints the held-out evaluation
-table (base model vs. final policy). ``python -m visurf_engine.train`` works the same way
+table (base model vs. final policy). The base model is prepared first (the embedded one is
+warm-started once and cached, with its own progress bar), then the trainer is built on it. ``python -m visurf_engine.train`` works the same way
 on one process.
 """
 
@@ -17,6 +18,7 @@ import time
 from .config import ConfigError, load_config
 from .eval.evaluate import format_table
 from .parallel.data_parallel import init_world
+from .tasks import prepare_base_model
 from .trainer import Trainer
 
 
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world = init_world()
     start = time.perf_counter()
+    prepare_base_model(cfg, world, progress=cfg.train.progress)
     trainer = Trainer(cfg, world)
     results = trainer.run()
     if world.is_main:

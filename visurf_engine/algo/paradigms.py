@@ -1,99 +1,108 @@
-"""How one step's batch becomes per-sequence advantages and weights for the fused loss.
+"""Paradigms by name: what each step trains on (``docs/design.md`` §1), as a registry.
 
-Paradigms (DESIGN.md §1): ``sft`` trains on the gold only (``-token-mean log pi(y*)``);
-``rlvr`` is GRPO on the G rollouts; ``visurf`` is GRPO over the G+1 group whose last member
-is the gold; ``sft_then_rlvr`` is ``sft`` for ``sft_steps`` steps, then ``rlvr``.
+A ``Paradigm`` maps a step to a ``Phase``; a phase declares whether the step samples G
+rollouts per prompt, whether the gold answer joins the group as a member (and whether it is
+scored under the reward controls), how the members' advantages are formed, and which loss
+the gold's tokens take. Registered:
 
-Aggregation enters the kernel as a per-token weight ``w_t`` that is constant within a
-sequence s of length L_s, over the S sequences / T tokens of the global (all-ranks)
-optimizer batch:
+    sft            gold only, A* = 1, loss -A* log pi (with token-mean weights: the SFT NLL)
+    rlvr           G rollouts, GRPO advantages over the G
+    visurf         G rollouts + the reward-controlled gold, GRPO over the G + 1;
+                   a smoothed gold's advantage is exactly 0
+    sft_then_rlvr  sft for ``sft_steps`` steps, then rlvr
 
-    token-mean               w = 1 / T
-    seq-mean-token-mean      w = 1 / (S * L_s)
-    seq-mean-token-sum-norm  w = 1 / (S * L_max)   (Dr.GRPO; L_max = generation budget)
+A new objective (e.g. a LUFFY- or CHORD-style mix of off-policy gold and rollouts) is one
+``Phase`` with its own ``advantages`` and one ``register_paradigm`` call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .advantages import group_advantages
 
 
-@dataclass
-class Member:
-    """One sequence to train on: a completion of prompt ``prompt`` with its advantage."""
+@dataclass(frozen=True)
+class GroupRewards:
+    """One step's rewards: ``rollout[B, G]`` (None without rollouts), the gold's ``gold[B]``
+    and its smoothing flags ``smoothed[B]`` (None unless the gold is scored)."""
 
-    prompt: int  # index into the step's prompts
-    tokens: list[int]  # completion token ids
-    adv: float
-    gold: bool = False
-    logprob_loss: bool = False  # -A * log pi (no ratio, no clip) instead of the PPO surrogate
+    num_prompts: int
+    rollout: torch.Tensor | None = None
+    gold: torch.Tensor | None = None
+    smoothed: torch.Tensor | None = None
 
 
-def phase_of(paradigm: str, step: int, sft_steps: int) -> str:
-    """The objective used at ``step``: ``sft``, ``rlvr`` or ``visurf``."""
-    if paradigm == "sft_then_rlvr":
-        return "sft" if step < sft_steps else "rlvr"
+Advantages = tuple[torch.Tensor | None, torch.Tensor | None]  # (rollout [B, G] | None, gold [B] | None)
+
+
+def sft_advantages(r: GroupRewards, *, norm_by_std: bool, eps: float) -> Advantages:
+    """Every gold has advantage 1 (with the ``-A log pi`` loss: plain SFT)."""
+    return None, torch.ones(r.num_prompts)
+
+
+def grpo_advantages(r: GroupRewards, *, norm_by_std: bool, eps: float) -> Advantages:
+    """GRPO over the G rollouts of each prompt."""
+    return group_advantages(r.rollout, norm_by_std=norm_by_std, eps=eps), None
+
+
+def visurf_advantages(r: GroupRewards, *, norm_by_std: bool, eps: float) -> Advantages:
+    """GRPO over the G + 1 augmented group (gold last). A smoothed gold's advantage is 0
+    analytically (``r* = mu``); it is set so that rounding leaves none."""
+    adv = group_advantages(torch.cat([r.rollout, r.gold[:, None]], dim=1), norm_by_std=norm_by_std, eps=eps)
+    return adv[:, :-1], torch.where(r.smoothed, torch.zeros_like(adv[:, -1]), adv[:, -1])
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one step trains on (module docstring)."""
+
+    name: str
+    rollouts: bool  # sample and score G rollouts per prompt
+    gold: bool  # the gold answer joins its prompt's group as a member
+    scored_gold: bool  # the gold is scored under the reward controls (align / eliminate / smooth)
+    advantages: Callable[..., Advantages]  # (GroupRewards, *, norm_by_std, eps) -> Advantages
+    gold_logprob: bool | None  # gold tokens take -A log pi (True), the PPO surrogate (False), algo.gold_loss (None)
+
+    def gold_logprob_loss(self, gold_loss: str) -> bool:
+        """Whether the gold's tokens take ``-A log pi`` given ``algo.gold_loss`` (ppo | logprob)."""
+        return self.gold_logprob if self.gold_logprob is not None else gold_loss == "logprob"
+
+
+SFT = Phase("sft", rollouts=False, gold=True, scored_gold=False, advantages=sft_advantages, gold_logprob=True)
+RLVR = Phase("rlvr", rollouts=True, gold=False, scored_gold=False, advantages=grpo_advantages, gold_logprob=None)
+VISURF = Phase("visurf", rollouts=True, gold=True, scored_gold=True, advantages=visurf_advantages, gold_logprob=None)
+
+
+@dataclass(frozen=True)
+class Paradigm:
+    """A named schedule of phases: ``phase(step, sft_steps)``."""
+
+    name: str
+    phase: Callable[[int, int], Phase]
+
+
+PARADIGMS: dict[str, Paradigm] = {}
+
+
+def register_paradigm(paradigm: Paradigm) -> Paradigm:
+    """Add ``paradigm`` under its name (``algo.paradigm`` then accepts it); a name is registered once."""
+    if paradigm.name in PARADIGMS:
+        raise ValueError(f"paradigm {paradigm.name!r} is already registered")
+    PARADIGMS[paradigm.name] = paradigm
     return paradigm
 
 
-def assign_advantages(
-    phase: str,
-    num_prompts: int,
-    rollout_rewards: torch.Tensor | None,
-    gold_rewards: torch.Tensor | None,
-    smoothed: torch.Tensor | None,
-    *,
-    norm_by_std: bool,
-    eps: float,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(rollout_adv[B, G] | None, gold_adv[B] | None)`` for ``phase``.
-
-    SFT gives every gold advantage 1. ViSurf normalises over the G+1 group; a smoothed
-    gold's advantage is exactly 0 (analytically ``r* = mu``; set so rounding leaves none).
-    """
-    if phase == "sft":
-        return None, torch.ones(num_prompts)
-    if phase == "rlvr":
-        return group_advantages(rollout_rewards, norm_by_std=norm_by_std, eps=eps), None
-    adv = group_advantages(torch.cat([rollout_rewards, gold_rewards[:, None]], dim=1), norm_by_std=norm_by_std, eps=eps)
-    gold_adv = torch.where(smoothed, torch.zeros_like(adv[:, -1]), adv[:, -1])
-    return adv[:, :-1], gold_adv
+def get_paradigm(name: str) -> Paradigm:
+    try:
+        return PARADIGMS[name]
+    except KeyError:
+        raise ValueError(f"unknown paradigm {name!r}; registered: {sorted(PARADIGMS)}") from None
 
 
-def build_members(
-    rollouts: list[list[list[int]]] | None,
-    rollout_adv: torch.Tensor | None,
-    gold_tokens: list[list[int]] | None,
-    gold_adv: torch.Tensor | None,
-    *,
-    gold_logprob_loss: bool,
-) -> list[Member]:
-    """Members in prompt order: the G rollouts of prompt b, then its gold."""
-    num_prompts = len(rollouts) if rollouts is not None else len(gold_tokens)
-    members = []
-    for b in range(num_prompts):
-        if rollouts is not None:
-            members += [Member(b, toks, float(a)) for toks, a in zip(rollouts[b], rollout_adv[b].tolist())]
-        if gold_tokens is not None:
-            members.append(Member(b, gold_tokens[b], float(gold_adv[b]), gold=True, logprob_loss=gold_logprob_loss))
-    return members
-
-
-def sequence_weights(
-    lengths: torch.Tensor, aggregation: str, *, num_seqs: int, num_tokens: int, max_len: int
-) -> torch.Tensor:
-    """Per-sequence token weight ``[S]`` (see module docstring); counts are global."""
-    lengths = lengths.double()
-    if aggregation == "token-mean":
-        w = torch.full_like(lengths, 1.0 / max(num_tokens, 1))
-    elif aggregation == "seq-mean-token-mean":
-        w = 1.0 / (num_seqs * lengths.clamp(min=1))
-    elif aggregation == "seq-mean-token-sum-norm":
-        w = torch.full_like(lengths, 1.0 / (num_seqs * max_len))
-    else:
-        raise ValueError(f"unknown aggregation {aggregation!r}")
-    return w.float()
+for _phase in (SFT, RLVR, VISURF):
+    register_paradigm(Paradigm(_phase.name, lambda step, sft_steps, p=_phase: p))
+register_paradigm(Paradigm("sft_then_rlvr", lambda step, sft_steps: SFT if step < sft_steps else RLVR))

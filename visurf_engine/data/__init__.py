@@ -1,18 +1,8 @@
-"""Rows, data files (JSONL/parquet) and the embedded shapes task."""
+"""Rows, data files (JSONL / parquet) and the step's prompt sampler."""
 
 from .loading import BadRow, DataError, LoadResult, load_rows
 from .rows import Row
-from .shapes import make_probe_split, make_split, think_trace
+from .sampler import PromptSampler
 from .writing import write_dataset
 
-__all__ = [
-    "BadRow",
-    "DataError",
-    "LoadResult",
-    "Row",
-    "load_rows",
-    "make_probe_split",
-    "make_split",
-    "think_trace",
-    "write_dataset",
-]
+__all__ = ["BadRow", "DataError", "LoadResult", "PromptSampler", "Row", "load_rows", "write_dataset"]

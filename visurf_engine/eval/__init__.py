@@ -1,6 +1,3 @@
-"""Evaluation. ``metrics`` holds the metric math (gIoU, cIoU, N-Acc, bbox_acc, rates),
-``probe`` the forgetting probe's scoring, ``evaluate`` the greedy evaluation loops and the table.
-
-``visurf_engine.rewards`` imports ``eval.metrics``, so this ``__init__`` must not import
-``rewards`` (that would be an import cycle).
-"""
+"""Evaluation: greedy completions of held-out rows scored by the task's metrics, and the table
+(``evaluate``). The metric math lives with the reward families (``rewards.metrics``) and the
+embedded task's forgetting probe with the task (``tasks.shapes.probe``)."""

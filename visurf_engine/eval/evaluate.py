@@ -1,20 +1,20 @@
-"""Held-out evaluation: greedy completions scored by the task's metrics, and the table."""
+"""Held-out evaluation: greedy completions scored by a metrics function, and the table."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..data import Row
 from ..models.policy import Policy
-from ..rewards import RewardSpec
-from ..rollout.hf import HFRollout
-from .probe import probe_metrics
+from ..rollout.base import RolloutEngine
+
+Metrics = Callable[[Sequence[str], Sequence[Row]], dict[str, float]]  # (completions, rows) -> metrics
 
 
 @torch.no_grad()
-def greedy_completions(policy: Policy, rollout: HFRollout, rows: Sequence[Row], batch_size: int = 64) -> list[str]:
+def greedy_completions(policy: Policy, rollout: RolloutEngine, rows: Sequence[Row], batch_size: int = 64) -> list[str]:
     """The decoded greedy completion of every row's prompt."""
     texts = []
     for i in range(0, len(rows), batch_size):
@@ -24,15 +24,10 @@ def greedy_completions(policy: Policy, rollout: HFRollout, rows: Sequence[Row], 
     return texts
 
 
-def evaluate(policy: Policy, rollout: HFRollout, spec: RewardSpec, rows: Sequence[Row], batch_size: int = 64) -> dict[str, float]:
-    """``spec.metrics`` of greedy completions on ``rows`` (gIoU / N-Acc / bbox_acc for grounding)."""
-    return spec.metrics(greedy_completions(policy, rollout, rows, batch_size), [r.solution for r in rows])
-
-
-def evaluate_probe(policy: Policy, rollout: HFRollout, rows: Sequence[Row], batch_size: int = 64) -> dict[str, float]:
-    """Forgetting-probe accuracy (``eval.probe``) of greedy completions on probe ``rows``."""
-    texts = greedy_completions(policy, rollout, rows, batch_size)
-    return probe_metrics(texts, [r.solution for r in rows], [r.meta["question"] for r in rows])
+def evaluate(policy: Policy, rollout: RolloutEngine, rows: Sequence[Row], metrics: Metrics,
+             batch_size: int = 64) -> dict[str, float]:  # fmt: skip
+    """``metrics`` of the greedy completions on ``rows`` (e.g. gIoU / N-Acc / bbox_acc for grounding)."""
+    return metrics(greedy_completions(policy, rollout, rows, batch_size), rows)
 
 
 def format_table(columns: dict[str, dict[str, float]]) -> str:

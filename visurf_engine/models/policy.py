@@ -4,16 +4,19 @@ Prompts are encoded once per step (``encode``) and kept unpadded per prompt, so 
 of (prompt, completion) pairs — G rollouts, the gold, several micro-batches — can be
 collated on demand. Training never asks the model for logits: ``completion_hidden``
 returns the final hidden states at the positions that predict each completion token,
-``[N, H]`` for N completion tokens, which the fused loss multiplies with the LM head.
+``[N, H]`` for N completion tokens, which the fused loss multiplies with the LM head;
+``logprobs`` is the no-grad fused pass over such pairs (old log-probs, align's scoring).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from PIL import Image
+from visurf_kernels import LossSpec, fused_logprobs
 
 from .hf import ImageOnlyProcessor
 
@@ -26,6 +29,7 @@ class Prompts:
     mm_token_type_ids: list[torch.Tensor]  # [P_i]
     pixel_values: list[torch.Tensor]  # [patches_i, C*T*p*p]
     image_grid_thw: list[torch.Tensor]  # [3]
+    images: list[Image.Image]  # the RGB images themselves (engines that run their own processor)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -57,6 +61,10 @@ class Policy:
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.lm_head.weight
 
+    def autocast(self):
+        """The precision of every forward: bf16 autocast on CUDA, none elsewhere."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def encode(self, problems: Sequence[str], images: Sequence[Image.Image]) -> Prompts:
         """Chat-template each problem with its image and run the processor."""
         texts = [
@@ -76,6 +84,7 @@ class Policy:
             mm_token_type_ids=[t[k] for t, k in zip(enc["mm_token_type_ids"], keep)],
             pixel_values=list(pixels),
             image_grid_thw=list(grid),
+            images=list(images),
         )
 
     def encode_text(self, text: str) -> list[int]:
@@ -116,17 +125,18 @@ class Policy:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            mm_token_type_ids=mm.to(self.device),
-            **self._vision(prompts, idx),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
-            suppress_tokens=self.suppressed,
-            **sampling,
-        )
+        with self.autocast():
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                mm_token_type_ids=mm.to(self.device),
+                **self._vision(prompts, idx),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+                suppress_tokens=self.suppressed,
+                **sampling,
+            )
         self.model.train(was_training)
         completions = []
         for row in out[:, width:].tolist():
@@ -162,3 +172,18 @@ class Policy:
         """Final hidden states ``[N, H]`` that predict the N completion tokens of ``batch``."""
         hidden = self.model.model(**batch.inputs, use_cache=False).last_hidden_state  # [S, T, H]
         return hidden[batch.positions[:, 0], batch.positions[:, 1]]
+
+    @torch.no_grad()
+    def logprobs(
+        self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]], spec: LossSpec,
+        chunk: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """Per-token ``logp[N]`` of ``completions[s]`` after prompt ``idx[s]``, ``chunk``
+        sequences per forward (the no-grad fused pass), in order."""
+        out = []
+        for i in range(0, len(idx), chunk):
+            batch = self.collate(prompts, idx[i : i + chunk], completions[i : i + chunk])
+            with self.autocast():
+                hidden = self.completion_hidden(batch)
+                out.append(fused_logprobs(hidden, self.lm_head_weight, batch.targets, spec)[0])
+        return torch.cat(out)

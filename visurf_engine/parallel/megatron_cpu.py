@@ -21,7 +21,7 @@ targets calls that would otherwise raise "Torch not compiled with CUDA enabled":
    last stage's copy of the embedding is synchronised by
    ``LanguageModule.setup_embeddings_and_output_layer`` through ``weight.data.cuda()``.
 
-What needs no patch, by configuration (``models.megatron.model``): ``use_cpu_initialization``,
+What needs no patch, by configuration (``learners.megatron.model``): ``use_cpu_initialization``,
 ``batch_p2p_sync=False``, the inference RNG tracker of ``model_parallel_cuda_manual_seed``
 (dropout is 0, so its no-op ``fork`` changes nothing), and an explicit causal attention mask
 (megatron's default mask, ``transformer.utils.get_default_causal_mask``, is built on CUDA).

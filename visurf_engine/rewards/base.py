@@ -1,6 +1,6 @@
 """The reward contract every task family implements, and fault-tolerant batch scoring.
 
-A reward is a weighted sum of named components, ``r = sum_c w_c * r_c`` (DESIGN.md §1).
+A reward is a weighted sum of named components, ``r = sum_c w_c * r_c`` (``docs/design.md`` §1).
 A completion is ``<think>...</think><answer>...</answer>``; the gold is rendered in the same
 template with its reasoning slot empty, ``<think></think><answer>...</answer>`` (it has no
 reasoning trace), the answer in one of the task's styles.

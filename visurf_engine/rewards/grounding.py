@@ -30,10 +30,10 @@ import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
-from ..eval.metrics import box_iou, grounding_metrics
 from .base import ANSWER_RE, RewardSpec, answer_block, think_answer_format
+from .geometry import box_iou, matched_total
+from .metrics import grounding_metrics
 
 IOU_THRESHOLD = 0.5
 L1_THRESHOLD = 10.0  # pixels, mean over the four coordinates
@@ -136,8 +136,7 @@ class GroundingReward(RewardSpec):
         if not pred or not gold:
             return 0.0
         scores = np.array([[self.pair_score(p, g) for g in gold] for p in pred])
-        rows, cols = linear_sum_assignment(scores, maximize=True)
-        return float(scores[rows, cols].sum()) / max(len(pred), len(gold))
+        return matched_total(scores) / max(len(pred), len(gold))
 
     def pair_score(self, p: dict, g: dict) -> float:
         """The fraction of the pair's applicable criteria that hold (module docstring)."""
@@ -160,5 +159,5 @@ class GroundingReward(RewardSpec):
         return inside and near
 
     def metrics(self, completions: Sequence[str], solutions: Sequence[list[dict]]) -> dict[str, float]:
-        """``giou``, ``ciou``, ``n_acc``, ``bbox_acc``, ``parse_rate`` (see ``eval.metrics``)."""
+        """``giou``, ``ciou``, ``n_acc``, ``bbox_acc``, ``parse_rate`` (see ``metrics``)."""
         return grounding_metrics([self.extract_answer(c) for c in completions], solutions)

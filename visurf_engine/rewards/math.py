@@ -20,8 +20,8 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
-from ..eval.metrics import rate
 from .base import RewardSpec, after_think, answer_block, think_answer_format
+from .metrics import rate
 
 REL_TOL = 1e-4
 _BOXED = "\\boxed{"

@@ -1,28 +1,33 @@
-"""Rollouts with transformers ``generate`` on the training model itself.
+"""Rollouts with transformers ``generate`` on the policy module.
 
-The rollout engine and the trainer share one module, so weight sync is a no-op: the
-next step samples from the freshly updated weights. Generation is chunked to bound memory.
+The engine generates with the policy's own module (``Policy.generate``), chunked to bound
+memory. When the learner trains that same module (``model.backend=hf``) the weight sync
+finds every tensor already in place and copies nothing; when the learner holds its own
+copy (``model.backend=megatron``) the sync copies each exported tensor into the module in
+place, so the next step samples the updated weights.
 """
 
 from __future__ import annotations
 
+from typing import Iterable
+
+import torch
+
 from ..config import RolloutConfig
 from ..models.policy import Policy, Prompts
+from .base import RolloutEngine, Rollouts
 
 
-class HFRollout:
+class HFRollout(RolloutEngine):
     def __init__(self, policy: Policy, cfg: RolloutConfig, chunk: int = 64):
         self.policy, self.cfg, self.chunk = policy, cfg, chunk
 
-    def sample(self, prompts: Prompts) -> list[list[list[int]]]:
-        """``G = cfg.n`` sampled completions per prompt: ``[B][G][tokens]``."""
-        g = self.cfg.n
-        idx = [b for b in range(len(prompts)) for _ in range(g)]
+    def sample(self, prompts: Prompts, n: int) -> Rollouts:
+        idx = [b for b in range(len(prompts)) for _ in range(n)]
         flat = self._run(prompts, idx, do_sample=True, max_new_tokens=self.cfg.max_new_tokens)
-        return [flat[b * g : (b + 1) * g] for b in range(len(prompts))]
+        return Rollouts([flat[b * n : (b + 1) * n] for b in range(len(prompts))])
 
     def greedy(self, prompts: Prompts) -> list[list[int]]:
-        """One greedy completion per prompt (evaluation)."""
         return self._run(prompts, list(range(len(prompts))), do_sample=False, max_new_tokens=self.cfg.eval_max_new_tokens)
 
     def _run(self, prompts: Prompts, idx: list[int], *, do_sample: bool, max_new_tokens: int) -> list[list[int]]:
@@ -38,5 +43,9 @@ class HFRollout:
             )
         return out
 
-    def sync_weights(self) -> None:
-        """Shared module: nothing to copy."""
+    @torch.no_grad()
+    def sync_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        targets = self.policy.model.state_dict(keep_vars=True)
+        for name, value in named:
+            if targets[name] is not value:
+                targets[name].copy_(value)

@@ -1,9 +1,5 @@
-"""Evaluation metrics: grounding (gIoU, cIoU, N-Acc, bbox_acc) and rates.
-
-Geometry: boxes are ``[x1, y1, x2, y2]`` in continuous coordinates (x2/y2 are edges, as
-in the shapes task), area ``(x2 - x1) * (y2 - y1)``. A sample's boxes are taken as one
-region, the union of its boxes, as gRefCOCO does with masks: ``IoU = |P & G| / |P | G|``
-(0 when the union has no area: touching boxes share no area, a degenerate box covers none).
+"""Evaluation metrics of the reward families (``RewardSpec.metrics``): grounding (gIoU, cIoU,
+N-Acc, bbox_acc) and rates. Box geometry (unions, IoU): ``geometry``.
 
 Grounding, per sample with prediction ``P`` (a parsed item list, or None if unparseable)
 and gold ``G`` (``[]`` = the object is absent); items without ``bbox_2d`` cover no area:
@@ -23,44 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
+from .geometry import boxes_of, iou, overlap
+
 BBOX_ACC_IOU = 0.5
-
-
-def overlap(pred_boxes: Sequence[Sequence[float]], gold_boxes: Sequence[Sequence[float]]) -> tuple[float, float]:
-    """Areas ``(|P & G|, |P | G|)`` of the unions ``P``, ``G`` of two box lists.
-
-    Exact by coordinate compression: the boxes' edges cut the plane into cells that each
-    lie wholly inside or outside every box, so each cell is tested at its centre.
-    """
-    boxes = np.asarray([*pred_boxes, *gold_boxes], dtype=np.float64).reshape(-1, 4)
-    xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])
-    cx, cy = (xs[1:] + xs[:-1]) / 2, (ys[1:] + ys[:-1]) / 2
-    area = np.outer(np.diff(xs), np.diff(ys))
-    p, g = _covered(boxes[: len(pred_boxes)], cx, cy), _covered(boxes[len(pred_boxes):], cx, cy)
-    return float(area[p & g].sum()), float(area[p | g].sum())
-
-
-def _covered(boxes: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
-    """``[len(cx), len(cy)]``: whether cell (i, j) lies in any of ``boxes``."""
-    in_x = ((boxes[:, [0]] <= cx) & (cx <= boxes[:, [2]])).astype(np.float64)  # [K, nx]
-    in_y = ((boxes[:, [1]] <= cy) & (cy <= boxes[:, [3]])).astype(np.float64)  # [K, ny]
-    return in_x.T @ in_y > 0
-
-
-def iou(pred_boxes: Sequence[Sequence[float]], gold_boxes: Sequence[Sequence[float]]) -> float:
-    """IoU of the unions of two box lists; 0 when the union has no area."""
-    inter, union = overlap(pred_boxes, gold_boxes)
-    return inter / union if union > 0 else 0.0
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two boxes."""
-    return iou([a], [b])
-
-
-def boxes_of(items: Sequence[dict]) -> list:
-    """The ``bbox_2d`` of every item that has one."""
-    return [item["bbox_2d"] for item in items if "bbox_2d" in item]
 
 
 def sample_iou(pred: list[dict] | None, gold: list[dict]) -> float:

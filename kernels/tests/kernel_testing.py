@@ -1,4 +1,5 @@
-"""Test support for the kernels (used by ``tests/test_kernels*.py``).
+"""Test support for the kernels (used by ``test_kernels*.py`` beside it; on ``sys.path``
+through ``conftest.py``, so spawned ranks import it too).
 
 - ``make_case``: fresh random inputs, deterministic per seed. ``old_logp`` is placed so the
   ratios ``rho = exp(logp - old_logp)`` cover the unclipped, clipped and dual-clipped
@@ -8,6 +9,7 @@
   (already rounded to their dtype) upcast to float64, with autograd gradients.
 - ``compare``: every output against the oracle, tolerances per input dtype (``TOLERANCES``).
 - ``CASES``: the standard case table; ``engine_loss``: ``fused_policy_loss`` on explicit tiles.
+- ``run_loss``: a loss function on a case with autograd, its outputs and gradients.
 - ``tp_worker``: one rank of the vocab-parallel test (gloo, CPU).
 """
 
@@ -20,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .function import policy_loss
-from .reference import IGNORE_INDEX, fused_policy_loss_reference, policy_loss_from_logp
+from visurf_kernels import IGNORE_INDEX, LossSpec, policy_loss_from_logp
+from visurf_kernels.function import policy_loss
+from visurf_kernels.reference import fused_policy_loss_reference
 
 # name -> (seed, N, H, V, dtype, make_case options); shapes are deliberately not multiples of
 # any tile; "extreme" cases have max |logit| ~ 1e4.
@@ -50,15 +53,16 @@ class Case:
     adv: torch.Tensor  # [N] float32
     w: torch.Tensor  # [N] float32, 0 on masked rows
     logprob_mask: torch.Tensor | None  # [N] bool
-    options: dict = field(default_factory=dict)  # temperature, eps_low, eps_high, dual_clip, with_entropy
+    spec: LossSpec = field(default_factory=LossSpec)  # temperature, clip range, dual clip, entropy
 
     def inputs(self, hidden=None, lm_weight=None):
         h = self.hidden if hidden is None else hidden
         wt = self.lm_weight if lm_weight is None else lm_weight
         return (h, wt, self.targets, self.old_logp, self.adv, self.w)
 
-    def kwargs(self):
-        return {**self.options, "logprob_mask": self.logprob_mask}
+    def args(self, hidden=None, lm_weight=None, **spec_changes):
+        """Positional arguments of ``fused_policy_loss``: inputs, spec (with changes), mask."""
+        return (*self.inputs(hidden, lm_weight), self.spec.replace(**spec_changes), self.logprob_mask)
 
 
 def make_case(
@@ -104,13 +108,8 @@ def make_case(
         log_ratio = torch.where(d.abs() < margin, b + margin * torch.where(d < 0, -1.0, 1.0), log_ratio)
     old_logp = logp - log_ratio
 
-    options = {
-        "temperature": temperature,
-        "eps_low": eps_low,
-        "eps_high": eps_high,
-        "dual_clip": dual_clip,
-        "with_entropy": with_entropy,
-    }
+    spec = LossSpec(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+                    with_entropy=with_entropy)  # fmt: skip
     dev = torch.device(device)
     return Case(
         hidden.to(dev),
@@ -120,7 +119,7 @@ def make_case(
         adv.float().to(dev),
         w.float().to(dev),
         logprob_mask.to(dev) if logprob_mask is not None else None,
-        options,
+        spec,
     )
 
 
@@ -128,22 +127,20 @@ def oracle(case: Case) -> dict:
     """Float64 reference: loss, logp, entropy, clipped, per-token loss, dh, dw, max |z|."""
     h = case.hidden.detach().double().requires_grad_()
     wt = case.lm_weight.detach().double().requires_grad_()
-    loss, stats = fused_policy_loss_reference(h, wt, case.targets, case.old_logp, case.adv, case.w, **case.kwargs())
+    loss, stats = fused_policy_loss_reference(h, wt, case.targets, case.old_logp, case.adv, case.w, case.spec,
+                                              case.logprob_mask)  # fmt: skip
     loss.backward()
     valid = case.targets != IGNORE_INDEX
-    opts = case.options
     _, loss_t, _ = policy_loss_from_logp(
         stats["logp"],
         stats["logp"] if case.old_logp is None else case.old_logp.double(),
         case.adv.double(),
         case.w.double(),
-        eps_low=opts["eps_low"],
-        eps_high=opts["eps_high"],
-        dual_clip=opts["dual_clip"],
-        logprob_mask=case.logprob_mask,
+        case.spec,
+        case.logprob_mask,
     )
     with torch.no_grad():
-        zmax = (h @ wt.T / opts["temperature"]).abs().max().item()
+        zmax = (h @ wt.T / case.spec.temperature).abs().max().item()
     return {
         "loss": loss.detach(),
         "loss_scale": torch.where(valid, case.w.double() * loss_t, 0.0).abs().sum().item(),
@@ -189,11 +186,12 @@ def compare(out: dict, ref: dict, dtype: torch.dtype, *, tol: dict | None = None
             assert diff <= rel * norm + 1e-30, f"{key}: rel err {diff / max(norm, 1e-300):.3e} > {rel:.1e}"
 
 
-def run_loss(fn, case: Case, **kwargs) -> dict:
-    """Runs ``fn(*inputs, **kwargs)`` (a ``fused_policy_loss``-like) with autograd; returns outputs and grads."""
+def run_loss(fn, case: Case, **spec_changes) -> dict:
+    """Runs ``fn(*case.args(...))`` (a ``fused_policy_loss``-like) with autograd, the case's spec
+    with ``spec_changes`` (e.g. ``backend="torch"``); returns outputs and grads."""
     h = case.hidden.detach().clone().requires_grad_()
     wt = case.lm_weight.detach().clone().requires_grad_()
-    loss, stats = fn(*case.inputs(h, wt), **case.kwargs(), **kwargs)
+    loss, stats = fn(*case.args(h, wt, **spec_changes))
     loss.backward()
     return {"loss": loss.detach(), "dh": h.grad, "dw": wt.grad, **stats}
 
@@ -215,9 +213,9 @@ def tp_worker(rank: int, world: int, port: int, out_dir: str, runs: dict, case_a
         os.environ["TRITON_INTERPRET"] = "1"
     import torch.distributed as dist
 
-    from . import fused_logprobs, fused_policy_loss
-    from .chunked import TorchTiles
-    from .function import logprobs
+    from visurf_kernels import fused_logprobs, fused_policy_loss
+    from visurf_kernels.chunked import TorchTiles
+    from visurf_kernels.function import logprobs
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -227,22 +225,19 @@ def tp_worker(rank: int, world: int, port: int, out_dir: str, runs: dict, case_a
         results = {}
         for label, (backend, tiles) in runs.items():
             if tiles is None:
-                loss_fn = functools.partial(fused_policy_loss, backend=backend)
-                logp_fn = functools.partial(fused_logprobs, backend=backend)
+                loss_fn, logp_fn = fused_policy_loss, fused_logprobs
             else:
                 if backend == "triton":
-                    from .triton_policy_loss import TritonTiles as engine_cls
+                    from visurf_kernels.triton_policy_loss import TritonTiles as engine_cls
                 else:
                     engine_cls = TorchTiles
                 loss_fn = engine_loss(engine_cls(**tiles))
                 logp_fn = functools.partial(logprobs, engine_cls(**tiles))
             h = case.hidden.clone().requires_grad_()
             wt = case.lm_weight[lo:hi].clone().requires_grad_()
-            loss, stats = loss_fn(*case.inputs(h, wt), **case.kwargs(), **tp)
+            loss, stats = loss_fn(*case.args(h, wt, backend=backend), **tp)
             loss.backward()
-            logp, entropy = logp_fn(
-                case.hidden, wt.detach(), case.targets, temperature=case.options["temperature"], with_entropy=True, **tp
-            )
+            logp, entropy = logp_fn(case.hidden, wt.detach(), case.targets, case.spec.replace(backend=backend), **tp)
             results[label] = {
                 "loss": loss.detach(),
                 "dh": h.grad,

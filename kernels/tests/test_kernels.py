@@ -1,6 +1,6 @@
 """Fused policy loss: the torch backend and the public API against the float64 oracle.
 
-Tolerances per input dtype are in ``visurf_engine.kernels.testing.TOLERANCES`` (logp and
+Tolerances per input dtype are in ``kernel_testing.TOLERANCES`` (logp and
 entropy: abs error 1e-6 per unit of max |logit|; gradients: relative Frobenius error
 1e-10 float64, 1e-5 float32, 2e-3 fp16, 1e-2 bf16, plus 2e-7 per unit of max |logit|).
 Every case draws fresh random inputs from its own seed. The Triton kernels: ``test_kernels_triton.py``; vocab-parallel:
@@ -12,15 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visurf_engine.kernels import (
+from visurf_kernels import (
     BACKENDS,
     FusedPolicyLoss,
+    LossSpec,
     fused_logprobs,
     fused_policy_loss,
     resolve_backend,
 )
-from visurf_engine.kernels.chunked import TorchTiles
-from visurf_engine.kernels.testing import CASES, compare, engine_loss, make_case, oracle, run_loss
+from visurf_kernels.chunked import TorchTiles
+
+from kernel_testing import CASES, compare, engine_loss, make_case, oracle, run_loss
 
 # "tiled": small tiles and chunks, so every case spans several vocab tiles and row chunks.
 ENGINES = {"default": TorchTiles(), "tiled": TorchTiles(block_vocab=64, chunk_tokens=16)}
@@ -45,10 +47,10 @@ def test_public_api_matches_oracle(backend):
     ref = oracle(case)
     compare(run_loss(fused_policy_loss, case, backend=backend), ref, torch.float32)
     logp, entropy = fused_logprobs(
-        case.hidden, case.lm_weight, case.targets, temperature=1.3, with_entropy=True, backend=backend
+        case.hidden, case.lm_weight, case.targets, LossSpec(temperature=1.3, with_entropy=True, backend=backend)
     )
     compare({**{k: ref[k] for k in ("loss", "clipped")}, "logp": logp, "entropy": entropy}, ref, torch.float32)
-    assert fused_logprobs(case.hidden, case.lm_weight, case.targets, backend=backend)[1] is None
+    assert fused_logprobs(case.hidden, case.lm_weight, case.targets, LossSpec(backend=backend))[1] is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -95,7 +97,7 @@ def test_backward_scales_by_upstream_gradient_and_runs_once():
     ref = oracle(case)
     h = case.hidden.clone().requires_grad_()
     wt = case.lm_weight.clone().requires_grad_()
-    loss, _ = fused_policy_loss(*case.inputs(h, wt), **case.kwargs(), backend="torch")
+    loss, _ = fused_policy_loss(*case.args(h, wt, backend="torch"))
     (-2.5 * loss).backward(retain_graph=True)
     torch.testing.assert_close(h.grad, -2.5 * ref["dh"].float(), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(wt.grad, -2.5 * ref["dw"].float(), rtol=1e-4, atol=1e-7)
@@ -107,7 +109,7 @@ def test_gradients_only_where_required():
     case = make_case(402, 30, 16, 80, torch.float32)
     ref = oracle(case)
     h = case.hidden.clone().requires_grad_()
-    loss, stats = fused_policy_loss(*case.inputs(h), **case.kwargs(), backend="torch")
+    loss, stats = fused_policy_loss(*case.args(h, backend="torch"))
     loss.backward()
     assert case.lm_weight.grad is None
     torch.testing.assert_close(h.grad, ref["dh"].float(), rtol=1e-4, atol=1e-7)
@@ -118,15 +120,14 @@ def test_gradients_only_where_required():
 
     leaf = case.lm_weight.clone().requires_grad_()
     with torch.no_grad():
-        loss, _ = engine_loss(StatsOnly())(*case.inputs(lm_weight=leaf), **case.kwargs())
+        loss, _ = engine_loss(StatsOnly())(*case.args(lm_weight=leaf))
     assert not loss.requires_grad
     torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-7)
 
 
 def test_module_wrapper():
     case = make_case(501, 26, 16, 64, torch.float32, dual_clip=3.0, logprob_frac=0.3)
-    opts = {k: v for k, v in case.options.items()}
-    module = FusedPolicyLoss(**opts, backend="torch")
+    module = FusedPolicyLoss(case.spec.replace(backend="torch"))
     assert "dual_clip=3.0" in repr(module) and not list(module.parameters())
     h = case.hidden.clone().requires_grad_()
     wt = case.lm_weight.clone().requires_grad_()
@@ -145,4 +146,4 @@ def test_dispatch():
     with pytest.raises(ValueError, match="vocab-parallel"):
         resolve_backend("reference", case.hidden, tp_group=object())
     with pytest.raises(TypeError, match="share a dtype"):
-        fused_policy_loss(case.hidden.double(), *case.inputs()[1:], backend="torch")
+        fused_policy_loss(case.hidden.double(), *case.inputs()[1:], LossSpec(backend="torch"))

@@ -34,23 +34,18 @@ returned in the weight's dtype; ``hidden``'s in hidden's dtype. With a ``tp_grou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .reference import policy_loss_from_logp
+from .spec import LossSpec
 from .vocab_parallel import min_over_group, reduce_row_stats
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    with_entropy: bool = False
-    ignore_index: int = -100
+class Shard(NamedTuple):
+    """Where this rank's ``lm_weight`` rows sit in the vocabulary (``tp_group=None``: all of it)."""
+
     tp_group: Any = None
     vocab_start: int = 0
 
@@ -62,9 +57,9 @@ def _chunk_rows(engine, n: int, device: torch.device, tp_group) -> int:
     return min_over_group(max(1, min(chunk, n)), device, tp_group)
 
 
-def _local_targets(targets: torch.Tensor, vocab: int, spec: LossSpec) -> torch.Tensor:
+def _local_targets(targets: torch.Tensor, vocab: int, spec: LossSpec, shard: Shard) -> torch.Tensor:
     """Target column in this vocab shard, -1 where ignored or held by another rank."""
-    local = targets - spec.vocab_start
+    local = targets - shard.vocab_start
     keep = (targets != spec.ignore_index) & (local >= 0) & (local < vocab)
     return torch.where(keep, local, torch.full_like(local, -1))
 
@@ -72,15 +67,16 @@ def _local_targets(targets: torch.Tensor, vocab: int, spec: LossSpec) -> torch.T
 class _Pass:
     """One scan over a set of rows: statistics, and with ``dlogp_fn`` the gradient GEMMs."""
 
-    def __init__(self, engine, hidden, weight, tgt_local, spec: LossSpec):
-        self.engine, self.hidden, self.weight, self.tgt_local, self.spec = engine, hidden, weight, tgt_local, spec
+    def __init__(self, engine, hidden, weight, targets, spec: LossSpec, shard: Shard):
+        self.engine, self.hidden, self.weight, self.spec, self.shard = engine, hidden, weight, spec, shard
+        self.tgt_local = _local_targets(targets, weight.shape[0], spec, shard)
         cd = torch.promote_types(hidden.dtype, torch.float32)
         n = hidden.shape[0]
         self.logp = hidden.new_zeros(n, dtype=cd)
         self.entropy = hidden.new_zeros(n, dtype=cd) if spec.with_entropy else None
 
     def chunk_rows(self, n: int) -> int:
-        return _chunk_rows(self.engine, n, self.hidden.device, self.spec.tp_group)
+        return _chunk_rows(self.engine, n, self.hidden.device, self.shard.tp_group)
 
     def run(self, rows: torch.Tensor, chunk: int, dlogp_fn=None, dh=None, dw=None):
         """Scans ``rows`` (int64 indices) ``chunk`` at a time; fills ``logp``/``entropy``,
@@ -93,7 +89,7 @@ class _Pass:
             x = self.hidden.index_select(0, idx)
             tgt = self.tgt_local.index_select(0, idx)
             st = eng.stats(x, self.weight, tgt, inv_temp, spec.with_entropy, keep=dlogp_fn is not None)
-            lse, logp, entropy = reduce_row_stats(st, spec.tp_group)
+            lse, logp, entropy = reduce_row_stats(st, self.shard.tp_group)
             self.logp.index_copy_(0, idx, logp.to(self.logp.dtype))
             if entropy is not None:
                 self.entropy.index_copy_(0, idx, entropy.to(self.entropy.dtype))
@@ -119,24 +115,24 @@ def _check_inputs(hidden, weight, targets):
 
 
 def policy_loss_forward(
-    engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, spec: LossSpec, need_dh: bool, need_dw: bool
-):
+    engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, spec: LossSpec, shard: Shard,
+    need_dh: bool, need_dw: bool,
+):  # fmt: skip
     """Loss, per-token stats, and (as requested) ``d hidden``, ``d lm_weight`` of the loss."""
     _check_inputs(hidden, weight, targets)
-    p = _Pass(engine, hidden, weight, _local_targets(targets, weight.shape[0], spec), spec)
+    p = _Pass(engine, hidden, weight, targets, spec, shard)
     cd = p.logp.dtype
     valid = targets != spec.ignore_index
     old_logp = old_logp.to(cd) if old_logp is not None else None
     adv = adv.to(cd)
     w = torch.where(valid, w.to(cd), 0.0)
-    surrogate = {"eps_low": spec.eps_low, "eps_high": spec.eps_high, "dual_clip": spec.dual_clip}
 
     def dlogp(idx, logp):
         with torch.enable_grad():
             lp = logp.to(cd).detach().requires_grad_()
             old = old_logp[idx] if old_logp is not None else lp.detach()
             mask = logprob_mask.index_select(0, idx) if logprob_mask is not None else None
-            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], **surrogate, logprob_mask=mask)
+            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], spec, mask)
             (g,) = torch.autograd.grad(loss, lp)
         return g.to(logp.dtype)
 
@@ -153,15 +149,16 @@ def policy_loss_forward(
     p.run(stat_rows, p.chunk_rows(stat_rows.numel()))
 
     old = old_logp if old_logp is not None else p.logp
-    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, **surrogate, logprob_mask=logprob_mask)
+    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, spec, logprob_mask)
     return loss, p.logp, clipped & valid, p.entropy, dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
-def policy_loss(engine, hidden, weight, targets, old_logp, adv, w, *, logprob_mask=None, **options):
-    """``fused_policy_loss`` on a given tile engine; ``options``: the ``LossSpec`` fields."""
-    spec = LossSpec(**options)
+def policy_loss(engine, hidden, weight, targets, old_logp, adv, w, spec: LossSpec, logprob_mask=None, *,
+                tp_group=None, vocab_start: int = 0):  # fmt: skip
+    """``fused_policy_loss`` on a given tile engine."""
     loss, logp, clipped, entropy = PolicyLossFunction.apply(
-        hidden, weight, targets, old_logp, adv, w, logprob_mask, engine, spec, torch.is_grad_enabled()
+        hidden, weight, targets, old_logp, adv, w, logprob_mask, engine, spec, Shard(tp_group, vocab_start),
+        torch.is_grad_enabled(),
     )
     stats = {"logp": logp, "clipped": clipped}
     if spec.with_entropy:
@@ -170,18 +167,17 @@ def policy_loss(engine, hidden, weight, targets, old_logp, adv, w, *, logprob_ma
 
 
 @torch.no_grad()
-def logprobs(engine, hidden, weight, targets, **options):
+def logprobs(engine, hidden, weight, targets, spec: LossSpec, *, tp_group=None, vocab_start: int = 0):
     """``fused_logprobs`` on a given tile engine: ``(logp[N] float32, entropy[N] float32 | None)``."""
-    spec = LossSpec(**options)
     _check_inputs(hidden, weight, targets)
-    p = _Pass(engine, hidden, weight, _local_targets(targets, weight.shape[0], spec), spec)
+    p = _Pass(engine, hidden, weight, targets, spec, Shard(tp_group, vocab_start))
     rows = (targets != spec.ignore_index).nonzero().squeeze(1)
     p.run(rows, p.chunk_rows(rows.numel()))
     return p.logp.float(), (p.entropy.float() if p.entropy is not None else None)
 
 
 class PolicyLossFunction(torch.autograd.Function):
-    """``apply(hidden, lm_weight, targets, old_logp, adv, w, logprob_mask, engine, spec,
+    """``apply(hidden, lm_weight, targets, old_logp, adv, w, logprob_mask, engine, spec, shard,
     grad_enabled)`` -> ``(loss, logp, clipped, entropy)``; entropy is empty unless requested.
 
     Gradients (to ``hidden`` and ``lm_weight`` only) are computed in ``forward`` -- only for
@@ -191,11 +187,11 @@ class PolicyLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old_logp, adv, w, logprob_mask, engine, spec, grad_enabled):
+    def forward(ctx, hidden, weight, targets, old_logp, adv, w, logprob_mask, engine, spec, shard, grad_enabled):
         need_dh = grad_enabled and ctx.needs_input_grad[0]
         need_dw = grad_enabled and ctx.needs_input_grad[1]
         loss, logp, clipped, entropy, dh, dw = policy_loss_forward(
-            engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, spec, need_dh, need_dw
+            engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, spec, shard, need_dh, need_dw
         )
         ctx.grads = (dh, dw)
         logp = logp.float()
@@ -211,4 +207,4 @@ class PolicyLossFunction(torch.autograd.Function):
         ctx.grads = None
         dh = dh.mul_(grad_loss.to(dh.dtype)) if dh is not None else None
         dw = dw.mul_(grad_loss.to(dw.dtype)) if dw is not None else None
-        return dh, dw, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None

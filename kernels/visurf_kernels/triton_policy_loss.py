@@ -49,7 +49,7 @@ every real model; ``auto`` falls back to ``torch`` otherwise) and the buffer's r
 padded to 16 elements. 16-bit inputs run wgmma with fp32 accumulation; fp32 inputs use
 3xTF32 (``tf32x3``, fp32-grade accuracy) and smaller blocks (``TritonTiles.for_dtype``).
 Block sizes are fixed defaults (128x256x64 tiles, 8 warps, 3 stages for 16-bit), checked
-to compile for sm_90 without spills; tune them with ``bench/kernels.py`` on the GPU.
+to compile for sm_90 without spills; tune them with visurf-engine's ``bench/kernels.py`` on the GPU.
 
 Under ``TRITON_INTERPRET=1`` (read when this module is imported, and at launch) the
 kernels run on CPU tensors; the interpreter multiplies bf16 bit patterns as integers in
@@ -223,7 +223,7 @@ class TritonTiles:
         if x.device.type != "cuda" and not INTERPRET:
             raise RuntimeError(
                 "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                "visurf_engine.kernels.triton_policy_loss is imported); use backend='torch'"
+                "visurf_kernels.triton_policy_loss is imported); use backend='torch'"
             )
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"the triton backend takes bf16/fp16/fp32 inputs, got {x.dtype}")

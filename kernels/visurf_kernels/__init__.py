@@ -1,20 +1,25 @@
-"""Fused LM-head policy-loss kernels (installed as ``visurf_engine.kernels``).
+"""visurf_kernels: the fused LM-head policy loss, as a package of its own (torch + triton only).
 
-Public API (DESIGN.md §2):
+Public API (``docs/design.md`` §2 of visurf-engine); every entry point takes a ``LossSpec``,
+the loss options held once (``spec``):
 
-- ``fused_policy_loss(hidden, lm_weight, targets, old_logp, adv, w, ...) -> (loss, stats)``:
+- ``fused_policy_loss(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask=None,
+  *, tp_group=None, vocab_start=0) -> (loss, stats)``:
   scalar ``sum_t w_t * loss_t``; gradients flow to ``hidden`` and ``lm_weight``; ``stats``
   holds ``logp[N]`` (float32), ``clipped[N]`` (bool) and, with ``with_entropy``,
   ``entropy[N]`` (float32, no gradient).
-- ``fused_logprobs(hidden, lm_weight, targets, ...) -> (logp[N] float32, entropy | None)``,
-  no grad (the old-log-prob pass).
-- ``FusedPolicyLoss``: ``nn.Module`` wrapper holding the settings, for other stacks (TRL, verl).
+- ``fused_logprobs(hidden, lm_weight, targets, spec, *, tp_group=None, vocab_start=0)
+  -> (logp[N] float32, entropy | None)``, no grad (the old-log-prob pass).
+- ``FusedPolicyLoss(spec)``: ``nn.Module`` wrapper holding the spec, for other stacks (TRL, verl).
+- ``policy_loss_from_logp(logp, old_logp, adv, w, spec, logprob_mask=None)``: the elementwise
+  objective on given log-probs (what every backend and other stacks' loss hooks share).
 
 Backends: ``triton`` (GPU kernels, ``triton_policy_loss``), ``torch`` (chunked torch ops,
 ``chunked``; the CPU path), ``reference`` (eager, materialised logits: the test oracle, no
 vocab parallelism). ``auto`` picks ``triton`` for CUDA tensors when triton is importable
-(and rows are TMA-aligned: ``H * itemsize % 16 == 0``), else ``torch``. The fused backends never hold an ``[N, V]`` tensor and compute the
-gradients during the forward pass (``function``).
+(and rows are TMA-aligned: ``H * itemsize % 16 == 0``), else ``torch``. The fused backends
+never hold an ``[N, V]`` tensor and compute the gradients during the forward pass
+(``function``).
 
 Vocab parallel (``tp_group``, ``vocab_start``): each rank passes its shard
 ``lm_weight[V_local, H]`` holding vocabulary rows ``vocab_start .. vocab_start + V_local``;
@@ -31,9 +36,8 @@ import torch
 
 from . import function
 from .chunked import TorchTiles
-from .reference import IGNORE_INDEX, fused_policy_loss_reference, logprobs_reference, policy_loss_from_logp
-
-BACKENDS = ("auto", "triton", "torch", "reference")
+from .reference import fused_policy_loss_reference, logprobs_reference, policy_loss_from_logp
+from .spec import BACKENDS, IGNORE_INDEX, LossSpec
 
 
 def resolve_backend(backend: str, hidden: torch.Tensor, tp_group=None) -> str:
@@ -66,57 +70,23 @@ def fused_policy_loss(
     old_logp: torch.Tensor | None,
     adv: torch.Tensor,
     w: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
+    spec: LossSpec = LossSpec(),
     logprob_mask: torch.Tensor | None = None,
-    with_entropy: bool = False,
-    ignore_index: int = IGNORE_INDEX,
+    *,
     tp_group=None,
     vocab_start: int = 0,
-    backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar ``sum_t w_t * loss_t`` of the PPO-clip / log-prob objective; see ``reference``.
 
     ``old_logp=None``: on-policy (``old_logp = logp`` detached, ``rho = 1``).
     """
-    name = resolve_backend(backend, hidden, tp_group)
+    name = resolve_backend(spec.backend, hidden, tp_group)
     if name == "reference":
-        return fused_policy_loss_reference(
-            hidden,
-            lm_weight,
-            targets,
-            old_logp,
-            adv,
-            w,
-            temperature=temperature,
-            eps_low=eps_low,
-            eps_high=eps_high,
-            dual_clip=dual_clip,
-            logprob_mask=logprob_mask,
-            with_entropy=with_entropy,
-            ignore_index=ignore_index,
-        )
+        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask)
     return function.policy_loss(
-        _engine(name, hidden.dtype),
-        hidden,
-        lm_weight,
-        targets,
-        old_logp,
-        adv,
-        w,
-        logprob_mask=logprob_mask,
-        temperature=temperature,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        with_entropy=with_entropy,
-        ignore_index=ignore_index,
-        tp_group=tp_group,
-        vocab_start=vocab_start,
-    )
+        _engine(name, hidden.dtype), hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask,
+        tp_group=tp_group, vocab_start=vocab_start,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -124,37 +94,24 @@ def fused_logprobs(
     hidden: torch.Tensor,
     lm_weight: torch.Tensor,
     targets: torch.Tensor,
+    spec: LossSpec = LossSpec(),
     *,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    ignore_index: int = IGNORE_INDEX,
     tp_group=None,
     vocab_start: int = 0,
-    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """No-grad per-token ``logp[N]`` (float32) and optional entropy ``[N]``."""
-    name = resolve_backend(backend, hidden, tp_group)
+    """No-grad per-token ``logp[N]`` (float32) and, with ``spec.with_entropy``, entropy ``[N]``."""
+    name = resolve_backend(spec.backend, hidden, tp_group)
     if name != "reference":
-        return function.logprobs(
-            _engine(name, hidden.dtype),
-            hidden,
-            lm_weight,
-            targets,
-            temperature=temperature,
-            with_entropy=with_entropy,
-            ignore_index=ignore_index,
-            tp_group=tp_group,
-            vocab_start=vocab_start,
-        )
-    logp, ent = logprobs_reference(
-        hidden, lm_weight, targets, temperature=temperature, with_entropy=with_entropy, ignore_index=ignore_index
-    )
+        return function.logprobs(_engine(name, hidden.dtype), hidden, lm_weight, targets, spec,
+                                 tp_group=tp_group, vocab_start=vocab_start)  # fmt: skip
+    logp, ent = logprobs_reference(hidden, lm_weight, targets, spec)
     return logp.float(), (ent.float() if ent is not None else None)
 
 
 from .module import FusedPolicyLoss  # noqa: E402  (uses fused_policy_loss)
 
 __all__ = [
+    "LossSpec",
     "fused_policy_loss",
     "fused_logprobs",
     "FusedPolicyLoss",

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from visurf_engine.kernels import fused_logprobs, fused_policy_loss
-from visurf_engine.kernels.testing import make_case, shard_bounds, tp_worker
+from visurf_kernels import fused_logprobs, fused_policy_loss
+
+from kernel_testing import make_case, shard_bounds, tp_worker
 
 WORLD = 2
 CASE = {"seed": 2024, "n": 37, "h": 24, "v": 203, "dtype": torch.float32, "temperature": 0.8, "dual_clip": 3.0, "logprob_frac": 0.2}
@@ -54,9 +55,9 @@ def test_tp2_equals_tp1(tp_results, run):
     # TP=1 with the torch backend: the triton ranks are checked against it too.
     h = case.hidden.clone().requires_grad_()
     wt = case.lm_weight.clone().requires_grad_()
-    loss, stats = fused_policy_loss(*case.inputs(h, wt), **case.kwargs(), backend="torch")
+    loss, stats = fused_policy_loss(*case.args(h, wt, backend="torch"))
     loss.backward()
-    logp, entropy = fused_logprobs(case.hidden, case.lm_weight, case.targets, temperature=0.8, with_entropy=True)
+    logp, entropy = fused_logprobs(case.hidden, case.lm_weight, case.targets, case.spec.replace(backend="torch"))
 
     ranks = [r[run] for r in tp_results]
     close = {"rtol": 1e-5, "atol": 1e-6}

@@ -1,19 +1,18 @@
-"""The embedded task: coloured shapes on a 3x3 grid, deterministic by seed.
+"""The embedded task's images and grounding rows: coloured shapes on a 3x3 grid, deterministic by seed.
 
 Grounding split (``make_split``): "Find the red circle." answered by ``[{"bbox_2d": [x1, y1,
-x2, y2]}]`` in pixels, or ``[]`` when no such shape is drawn (the non-object case). Probe split
-(``make_probe_split``): count / colour questions about the same kind of images, used to
-measure forgetting. Every row is generated from its own RNG seeded by (split, seed, index).
+x2, y2]}]`` in pixels, or ``[]`` when no such shape is drawn (the non-object case). The probe
+split (count / colour questions about the same kind of images) is in ``probe``. Every row is
+generated from its own RNG seeded by (split, seed, index).
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
 
 from PIL import Image, ImageDraw
 
-from .rows import Row
+from ...data.rows import Row
 
 CELL = 28
 GRID = 3
@@ -22,8 +21,6 @@ INSET = 4
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ("circle", "square", "triangle")
 PROBLEM_TEMPLATE = "Find the {colour} {shape}. Think in <think></think>, then answer its bbox_2d in <answer></answer>, or [] if absent."
-COUNT_QUESTION = "How many shapes are in the image? Answer with a number inside <answer></answer>."
-COLOUR_QUESTION = "What colour is the {shape}? Answer with a colour name inside <answer></answer>."
 
 _PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 
@@ -83,7 +80,7 @@ def make_split(n: int, seed: int, absent_ratio: float) -> list[Row]:
 
 def _grounding_row(seed: int, i: int, absent: bool) -> Row:
     rng = random.Random(f"shapes:{seed}:{i}")
-    objects = _scene(rng)
+    objects = scene(rng)
     if absent:
         drawn = {(colour, shape) for colour, shape, _, _ in objects}
         colour, shape = rng.choice([pair for pair in _PAIRS if pair not in drawn])
@@ -105,28 +102,7 @@ def think_trace(row: Row) -> str:
     return f"<think>The {m['colour']} {m['shape']} is at row {r + 1}, column {c + 1}.</think>"
 
 
-def make_probe_split(n: int, seed: int) -> list[Row]:
-    """``n`` probe rows: "how many shapes" (answer e.g. ``"2"``) or, when the shape is unique
-    in its image, "what colour is the circle" (answer e.g. ``"red"``), half and half where possible."""
-    if n < 0:
-        raise ValueError(f"need n >= 0, got {n}")
-    rows = []
-    for i in range(n):
-        rng = random.Random(f"probe:{seed}:{i}")
-        objects = _scene(rng)
-        counts = Counter(shape for _, shape, _, _ in objects)
-        unique = [obj for obj in objects if counts[obj[1]] == 1]
-        if unique and rng.random() < 0.5:
-            colour, shape, _, _ = rng.choice(unique)
-            question, problem, solution = "colour", COLOUR_QUESTION.format(shape=shape), colour
-        else:
-            question, problem, solution = "count", COUNT_QUESTION, str(len(objects))
-        rows.append(Row(f"probe-{seed}-{i}", render(objects), problem, solution,
-                        {"question": question, "objects": objects}))
-    return rows
-
-
-def _scene(rng: random.Random) -> list[Obj]:
+def scene(rng: random.Random) -> list[Obj]:
     """1-3 shapes in distinct cells with distinct (colour, shape) pairs."""
     k = rng.randint(1, 3)
     cells = rng.sample(range(GRID * GRID), k)

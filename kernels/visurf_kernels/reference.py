@@ -29,18 +29,18 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from .spec import LossSpec
 
 
-def _surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip):
+def _surrogate(logp, old_logp, adv, spec: LossSpec):
     """Per-token PPO-clip objective and clip flags (all ``[N]``)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * adv
-    clipped_obj = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    clipped_obj = torch.clamp(ratio, 1.0 - spec.eps_low, 1.0 + spec.eps_high) * adv
     obj = torch.minimum(unclipped, clipped_obj)
     clipped = clipped_obj < unclipped
-    if dual_clip is not None:
-        floor = dual_clip * adv
+    if spec.dual_clip is not None:
+        floor = spec.dual_clip * adv
         dual = (adv < 0) & (obj < floor)
         obj = torch.where(dual, floor, obj)
         clipped = clipped | dual
@@ -52,18 +52,15 @@ def policy_loss_from_logp(
     old_logp: torch.Tensor,
     adv: torch.Tensor,
     w: torch.Tensor,
-    *,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None = None,
+    spec: LossSpec,
     logprob_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, per-token loss and clip flags given per-token log-probs ``logp[N]``.
 
-    Shared by every backend: once ``logp`` is known the rest is elementwise.
-    Returns ``(loss scalar, loss_t[N], clipped[N] bool)``.
+    Shared by every backend: once ``logp`` is known the rest is elementwise (``spec``'s
+    clip range and dual clip). Returns ``(loss scalar, loss_t[N], clipped[N] bool)``.
     """
-    obj, clipped = _surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip)
+    obj, clipped = _surrogate(logp, old_logp, adv, spec)
     if logprob_mask is not None:
         obj = torch.where(logprob_mask, adv * logp, obj)
         clipped = clipped & ~logprob_mask
@@ -73,27 +70,21 @@ def policy_loss_from_logp(
 
 
 def logprobs_reference(
-    hidden: torch.Tensor,
-    lm_weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    ignore_index: int = IGNORE_INDEX,
+    hidden: torch.Tensor, lm_weight: torch.Tensor, targets: torch.Tensor, spec: LossSpec
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token ``logp[N]`` and optional entropy ``H[N]`` from materialised logits.
+    """Per-token ``logp[N]`` and (``spec.with_entropy``) entropy ``H[N]`` from materialised logits.
 
     Computes in ``promote_types(dtype, float32)``, so float64 inputs give a float64 oracle.
     """
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logits = hidden.to(dtype) @ lm_weight.to(dtype).T / temperature  # [N, V]
+    logits = hidden.to(dtype) @ lm_weight.to(dtype).T / spec.temperature  # [N, V]
     lse = torch.logsumexp(logits, dim=-1)
-    valid = targets != ignore_index
+    valid = targets != spec.ignore_index
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
     logp = logits.gather(1, safe_t[:, None]).squeeze(1) - lse
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     entropy = None
-    if with_entropy:
+    if spec.with_entropy:
         probs = torch.softmax(logits, dim=-1)
         entropy = lse - (probs * logits).sum(-1)
         entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
@@ -107,35 +98,20 @@ def fused_policy_loss_reference(
     old_logp: torch.Tensor | None,
     adv: torch.Tensor,
     w: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
+    spec: LossSpec,
     logprob_mask: torch.Tensor | None = None,
-    with_entropy: bool = False,
-    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss, stats)`` of the module docstring; autograd flows to ``hidden`` and ``lm_weight``.
 
     ``stats``: ``logp[N]`` (detached), ``clipped[N]`` bool, ``entropy[N]`` if requested.
     """
-    logp, entropy = logprobs_reference(
-        hidden, lm_weight, targets, temperature=temperature, with_entropy=with_entropy, ignore_index=ignore_index
-    )
+    logp, entropy = logprobs_reference(hidden, lm_weight, targets, spec)
     dtype = logp.dtype
-    w = torch.where(targets != ignore_index, w.to(dtype), torch.zeros((), dtype=dtype, device=w.device))
-    loss, _, clipped = policy_loss_from_logp(
-        logp,
-        logp.detach() if old_logp is None else old_logp.to(dtype),
-        adv.to(dtype),
-        w,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip=dual_clip,
-        logprob_mask=logprob_mask,
-    )
-    stats = {"logp": logp.detach(), "clipped": clipped & (targets != ignore_index)}
+    valid = targets != spec.ignore_index
+    w = torch.where(valid, w.to(dtype), torch.zeros((), dtype=dtype, device=w.device))
+    old = logp.detach() if old_logp is None else old_logp.to(dtype)
+    loss, _, clipped = policy_loss_from_logp(logp, old, adv.to(dtype), w, spec, logprob_mask)
+    stats = {"logp": logp.detach(), "clipped": clipped & valid}
     if entropy is not None:
         stats["entropy"] = entropy.detach()
     return loss, stats

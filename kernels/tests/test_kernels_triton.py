@@ -1,4 +1,4 @@
-"""The Triton kernels against the float64 oracle (tolerances: ``kernels.testing.TOLERANCES``).
+"""The Triton kernels against the float64 oracle (tolerances: ``kernel_testing.TOLERANCES``).
 
 On a CUDA machine they run compiled on the GPU. Without one they run in Triton's
 interpreter on CPU tensors: ``TRITON_INTERPRET=1`` is read when the ``@triton.jit``
@@ -20,12 +20,13 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-tpl = importlib.import_module("visurf_engine.kernels.triton_policy_loss")
+tpl = importlib.import_module("visurf_kernels.triton_policy_loss")
 if not ON_GPU and not tpl.INTERPRET:
     tpl = importlib.reload(tpl)
 
-from visurf_engine.kernels import fused_logprobs, fused_policy_loss, resolve_backend  # noqa: E402
-from visurf_engine.kernels.testing import CASES, compare, engine_loss, make_case, oracle, run_loss  # noqa: E402
+from visurf_kernels import LossSpec, fused_logprobs, fused_policy_loss, resolve_backend  # noqa: E402
+
+from kernel_testing import CASES, compare, engine_loss, make_case, oracle, run_loss  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 # Every case spans 2-3 stat tiles, 2-4 row chunks and a 2-way vocab split of the dh kernel.
@@ -56,7 +57,7 @@ def test_triton_public_api_default_tiles():
     ref = oracle(case)
     compare(run_loss(fused_policy_loss, case, backend="triton"), ref, torch.bfloat16)
     logp, entropy = fused_logprobs(
-        case.hidden, case.lm_weight, case.targets, temperature=0.9, with_entropy=True, backend="triton"
+        case.hidden, case.lm_weight, case.targets, LossSpec(temperature=0.9, with_entropy=True, backend="triton")
     )
     compare({"loss": ref["loss"], "clipped": ref["clipped"], "logp": logp, "entropy": entropy}, ref, torch.bfloat16)
 
@@ -99,7 +100,7 @@ import os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import visurf_engine.kernels.triton_policy_loss as tpl
+import visurf_kernels.triton_policy_loss as tpl
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 td = lambda dt, shape: "tensordesc<%s[%s]>" % (dt, ",".join(map(str, shape)))

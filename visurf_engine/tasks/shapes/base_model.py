@@ -13,9 +13,12 @@ steps and one seed in three collapsed (parse rate 0.32), and SFT fell from bbox_
 (count / colour questions, ``<answer>2</answer>``), a skill the base model has and
 post-training never sees, so evaluating it before and after measures forgetting.
 
-The result is saved with ``save_pretrained`` under ``<cache_dir>/shapes-base-<key>`` (key =
-hash of every setting that shapes it), written to a temporary directory and renamed, and
-then loaded like any real checkpoint.
+The warm start is an SFT run through the same learner as post-training (``HFLearner``: gold
+members with advantage 1, the ``-A log pi`` loss, token-mean weights), with a linear warmup
+over 20 steps and a linear decay to 10%. The result is saved with ``save_pretrained`` under
+``<cache_dir>/shapes-base-<key>`` (key = hash of every setting that shapes it), written to a
+temporary directory and renamed, and then loaded like any real checkpoint. ``cached_base_model``
+only looks it up; ``build_base_model`` trains it when it is missing.
 """
 
 from __future__ import annotations
@@ -30,15 +33,19 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from visurf_kernels import LossSpec
 
-from .algo.loss import members_loss
-from .algo.paradigms import Member
-from .config import Config
-from .data import shapes
-from .models.hf import ImageOnlyProcessor, image_processor_for
-from .models.policy import Policy
-from .models.tiny import tiny_config, train_tokenizer
-from .rewards import get_reward
+from ...algo.members import build_members
+from ...config import Config
+from ...learners.base import make_micro_batch
+from ...learners.hf import HFLearner
+from ...models.hf import ImageOnlyProcessor, image_processor_for
+from ...models.policy import Policy
+from ...models.tiny import tiny_config, train_tokenizer
+from ...parallel.data_parallel import World
+from ...rewards import get_reward
+from . import generator
+from .probe import make_probe_split
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ def warmstart_target(row, spec, think: bool = True) -> str:
     answer, or (``think=False``) the answer straight after an empty think slot."""
     if not think:
         return spec.render(row.solution, POLICY_STYLE)
-    return shapes.think_trace(row) + spec.answer(row.solution, POLICY_STYLE)
+    return generator.think_trace(row) + spec.answer(row.solution, POLICY_STYLE)
 
 
 def probe_target(row) -> str:
@@ -75,31 +82,45 @@ def probe_target(row) -> str:
     return f"<answer>{row.solution}</answer>"
 
 
-def embedded_base_model(cfg: Config, *, progress: bool = True) -> Path:
-    """Path of the cached warm-started tiny checkpoint, building it on first use."""
+def base_model_dir(cfg: Config) -> Path:
+    """Where the warm-started base model of ``cfg`` is cached (built or not)."""
     if cfg.model.preset != "tiny":
         raise ValueError(f"model.preset: only 'tiny' is built in, got {cfg.model.preset!r}")
-    root = Path(cfg.warmstart.cache_dir)
-    final = root / f"shapes-base-{_key(cfg)}"
-    if (final / "warmstart.json").is_file():
-        return final
+    return Path(cfg.warmstart.cache_dir) / f"shapes-base-{_key(cfg)}"
+
+
+def cached_base_model(cfg: Config) -> Path | None:
+    """The cached base model of ``cfg``, or None if it has not been built."""
+    final = base_model_dir(cfg)
+    return final if (final / "warmstart.json").is_file() else None
+
+
+def build_base_model(cfg: Config, *, progress: bool = True) -> Path:
+    """Path of the cached warm-started tiny checkpoint, training it first if it is missing."""
+    cached = cached_base_model(cfg)
+    if cached is not None:
+        return cached
+    final = base_model_dir(cfg)
+    root = final.parent
     spec = get_reward("grounding")
     ws = cfg.warmstart
-    rows = shapes.make_split(ws.train_size, seed=cfg.data.seed + 7919, absent_ratio=0.0)
-    probe_rows = shapes.make_probe_split(ws.train_size, seed=cfg.data.seed + 7919)  # held-out probe: seed + 1
+    rows = generator.make_split(ws.train_size, seed=cfg.data.seed + 7919, absent_ratio=0.0)
+    probe_rows = make_probe_split(ws.train_size, seed=cfg.data.seed + 7919)  # held-out probe: seed + 1
     direct = set(random.Random(cfg.data.seed).sample(range(len(rows)), round(len(rows) * ws.direct_share)))
     examples = [(r, warmstart_target(r, spec, think=i not in direct)) for i, r in enumerate(rows)]
     probes = [(r, probe_target(r)) for r in probe_rows]
     corpus = [r.problem for r, _ in examples + probes] + [t for _, t in examples + probes]
     corpus += [spec.answer(r.solution, s) for r in rows[:500] for s in spec.styles] + [spec.answer([], s) for s in spec.styles]
     tokenizer = train_tokenizer(corpus)
-    processor = ImageOnlyProcessor(image_processor_for(shapes.SIZE * shapes.SIZE), tokenizer, chat_template=tokenizer.chat_template)
+    size = generator.SIZE * generator.SIZE
+    processor = ImageOnlyProcessor(image_processor_for(size), tokenizer, chat_template=tokenizer.chat_template)
     torch.manual_seed(cfg.data.seed)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation="sdpa")
     policy = Policy(model, processor)
-    opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
+    learner = HFLearner(policy, LossSpec(backend=cfg.loss.backend), World(), lr=ws.lr, betas=(0.9, 0.999),
+                        weight_decay=0.0)  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.data.seed)
     model.train()
     bar = tqdm(range(ws.steps), desc="warm start (positive-only SFT)", disable=not progress, dynamic_ncols=True)
@@ -109,20 +130,12 @@ def embedded_base_model(cfg: Config, *, progress: bool = True) -> Path:
         batch = [examples[i] for i in torch.randint(len(examples), (ws.batch_size - n_probe,), generator=gen).tolist()]
         batch += [probes[i] for i in torch.randint(len(probes), (n_probe,), generator=gen).tolist()]
         prompts = policy.encode([r.problem for r, _ in batch], [r.image for r, _ in batch])
-        members = [Member(i, policy.encode_text(t), 1.0, gold=True, logprob_loss=True) for i, (_, t) in enumerate(batch)]
-        lengths = torch.tensor([len(m.tokens) for m in members])
-        weights = torch.full((len(members),), 1.0 / int(lengths.sum()))
-        lr = ws.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / ws.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss, _, _ = members_loss(
-            policy, prompts, members, weights, old_logp=None, temperature=1.0, eps_low=0.2, eps_high=0.2,
-            dual_clip=None, backend=cfg.loss.backend, with_entropy=False,
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        members = build_members(None, None, [policy.encode_text(t) for _, t in batch], torch.ones(len(batch)),
+                                gold_logprob_loss=True)  # fmt: skip
+        weights = torch.full((len(members),), 1.0 / int(members.lengths.sum()))
+        learner.set_lr(ws.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / ws.steps)))
+        [(loss, _)] = learner.forward_backward([make_micro_batch(policy, prompts, members, weights)])
+        learner.step(1.0)
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         bar.set_postfix(nll=f"{loss_ema:.3f}")
     tmp = root / f"{final.name}.tmp-{os.getpid()}"

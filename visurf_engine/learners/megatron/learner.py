@@ -1,11 +1,12 @@
-"""Training the policy with megatron-core: pipeline schedules, DDP, the optimizer over local shards.
+"""``MegatronLearner`` (``model.backend=megatron``): pipeline schedules, DDP, the optimizer over local shards.
 
-``MegatronLearner`` holds this rank's stage and tensor shard of the policy
-(``model.QwenVLMegatron``), loaded from an HF model through ``convert.hf_to_megatron``
-and wrapped in megatron-core's ``DistributedDataParallel``. The HF model stays what it is
-in the ``hf`` backend — the rollout / evaluation / scoring replica — and ``export_to``
-writes the trained weights back into it (``convert.megatron_to_hf``, gathered over the
-tensor group, broadcast over the pipeline group), which is also the checkpoint format.
+The learner protocol (``learners.base``) on megatron-core: it holds this rank's stage and
+tensor shard of the policy (``model.QwenVLMegatron``), loaded from the HF model through
+``convert.hf_to_megatron`` and wrapped in megatron-core's ``DistributedDataParallel``. The HF
+model stays the rollout / evaluation / scoring replica; ``export_weights`` streams the trained
+weights back under HF names (``convert.megatron_to_hf``, gathered over the tensor group,
+broadcast over the pipeline group) for the weight sync, which is also the checkpoint format.
+The ranks of one model-parallel group train on the same members (``share``).
 
 One optimizer step over micro-batches ``m = 1..M`` (``forward_backward`` then ``step``):
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from typing import Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,24 +40,31 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
-from ...kernels import fused_policy_loss
+from visurf_kernels import LossSpec, fused_policy_loss
+
+from ...parallel.data_parallel import World
+from ...parallel.megatron import broadcast_from_model_parallel_source
+from ..base import Learner, LossStats, MicroBatch, clip_grad_norm
 from .convert import Layout, canonical_hf_name, hf_to_megatron, megatron_to_hf
 from .model import QwenVLMegatron, transformer_config
 
 
-class MegatronLearner:
+class MegatronLearner(Learner):
     """This rank's shard of the policy, its DDP wrapper and optimizer (module docstring)."""
 
-    def __init__(self, hf_model: torch.nn.Module, layout: Layout, *, lr: float, betas, weight_decay: float):
+    sharded_optimizer = True
+
+    def __init__(self, hf_model: torch.nn.Module, layout: Layout, spec: LossSpec, dp: World, *, lr: float, betas,
+                 weight_decay: float):  # fmt: skip
         dtype = next(hf_model.parameters()).dtype
-        self.layout, self.hf_model = layout, hf_model
+        self.layout, self.hf_model, self.spec, self.dp = layout, hf_model, spec, dp
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.config = transformer_config(hf_model.config, layout, dtype)
         visual = copy.deepcopy(hf_model.model.visual) if parallel_state.is_pipeline_first_stage() else None
         with torch.random.fork_rng():  # megatron's throw-away init must not shift the rollouts' RNG
             self.module = QwenVLMegatron(hf_model.config, layout, self.config, visual).to(dtype)
-        self.load_from(hf_model)
+        self.load_weights(hf_model.state_dict().items())
         self.model = DistributedDataParallel(
             self.config, DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False), self.module
         )
@@ -65,17 +73,17 @@ class MegatronLearner:
 
     # -- weights --------------------------------------------------------------------------
     @torch.no_grad()
-    def load_from(self, hf_model: torch.nn.Module) -> None:
-        """This rank's shard of ``hf_model``'s weights (``convert.hf_to_megatron``)."""
-        shard = hf_to_megatron(hf_model.state_dict(), self.layout, self.tp_rank, self.pp_rank)
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """This rank's shard of the HF-named weights (``convert.hf_to_megatron``)."""
+        shard = hf_to_megatron(dict(named), self.layout, self.tp_rank, self.pp_rank)
         missing, unexpected = self.module.load_state_dict(shard, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise RuntimeError(f"megatron shard mismatch: missing {missing}, unexpected {unexpected}")
 
     @torch.no_grad()
-    def export_to(self, hf_model: torch.nn.Module) -> None:
-        """Write the current weights into ``hf_model`` in place (every rank's copy)."""
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The current weights under the HF model's ``state_dict`` names, on every rank."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
         shards = [{} for _ in range(self.layout.tp)]
         for name, p in self.module.named_parameters():
@@ -88,23 +96,23 @@ class MegatronLearner:
                 shard[name] = part
         mine = megatron_to_hf(shards, self.layout, self.pp_rank)
         pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
-        for name, target in hf_model.state_dict(keep_vars=True).items():
+        for name, target in self.hf_model.state_dict(keep_vars=True).items():
             owner = self.layout.owner_stage(name)
             value = mine[canonical_hf_name(name)] if owner == self.pp_rank else torch.empty_like(target)
             if self.layout.pp > 1:
                 dist.broadcast(value, src=pp_ranks[owner], group=parallel_state.get_pipeline_model_parallel_group())
-            target.copy_(value)
+            yield name, value
+
+    def share(self, obj: Any) -> Any:
+        return broadcast_from_model_parallel_source(obj)
 
     # -- one optimizer step ----------------------------------------------------------------
-    def forward_backward(self, micro: Sequence, **loss_kw) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
-        """Forward and backward of every micro-batch; ``micro[m]`` is an ``algo.loss.LossInputs``.
-
-        Returns ``(loss, stats, lengths)`` per micro-batch (as ``algo.loss.members_loss``,
-        loss detached) on every rank of the pipeline group; gradients are reduced and ready.
-        """
+    def forward_backward(self, micro: Sequence[MicroBatch]) -> list[LossStats]:
+        """Forward and backward of every micro-batch through the schedule; ``(loss, stats)`` per
+        micro-batch (loss detached) on every rank of the pipeline group; gradients reduced."""
         batches = [self._stage_inputs(x) for x in micro]
         store = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, loss_kw=loss_kw),
+            forward_step_func=self._forward_step,
             data_iterator=iter(batches),
             model=self.model,
             num_microbatches=len(batches),
@@ -113,7 +121,7 @@ class MegatronLearner:
             forward_only=False,
         )
         finalize_model_grads([self.model])
-        results = [(s["loss"], s["stats"], x.batch.lengths) for s, x in zip(store, micro)]
+        results = [(s["loss"], s["stats"]) for s in store]
         if self.layout.pp > 1:
             group = parallel_state.get_pipeline_model_parallel_group()
             box = [results]
@@ -140,42 +148,30 @@ class MegatronLearner:
             "loss_inputs": x,
         }
 
-    def _forward_step(self, data_iterator, model, *, loss_kw):
+    def _forward_step(self, data_iterator, model):
         b = next(data_iterator)
         hidden = model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
-        return hidden, partial(self._loss, b["loss_inputs"], loss_kw)
+        return hidden, partial(self._loss, b["loss_inputs"])
 
-    def _loss(self, x, loss_kw: dict, hidden: torch.Tensor):
+    def _loss(self, x: MicroBatch, hidden: torch.Tensor):
         """Fused vocab-parallel policy loss of one micro-batch on the last stage (``hidden[S, B, H]``)."""
         pos = x.batch.positions
         weight, start = self.module.head_shard()
         loss, stats = fused_policy_loss(
-            hidden[pos[:, 1], pos[:, 0]],
-            weight,
-            x.batch.targets,
-            x.old_logp,
-            x.adv,
-            x.w,
-            logprob_mask=x.logprob_mask,
+            hidden[pos[:, 1], pos[:, 0]], weight, x.batch.targets, x.old_logp, x.adv, x.w, self.spec, x.logprob_mask,
             tp_group=parallel_state.get_tensor_model_parallel_group() if self.layout.tp > 1 else None,
             vocab_start=start,
-            **loss_kw,
-        )
+        )  # fmt: skip
         tokens = torch.tensor(x.batch.targets.numel(), dtype=torch.int)
         return loss, tokens, {"loss": loss.detach(), "stats": stats}
 
-    def step(self, max_norm: float) -> float:
+    def step(self, grad_clip: float) -> float:
         """Clip by the global grad norm, AdamW step, zero the grads; returns the norm before clipping."""
         for p in self.params:
             p.grad = p.main_grad
         counted = [p.grad for p in self.params if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
-        sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
-        for g in counted:
-            sq += g.double().square().sum()
-        dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())
-        norm = sq.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
+        norm = clip_grad_norm(self.params, grad_clip, counted=counted, group=parallel_state.get_model_parallel_group())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad_buffer()
-        return float(norm)
+        return norm

@@ -1,7 +1,7 @@
 """Test fixtures for the megatron backend: a tiny random Qwen2.5-VL, random micro-batches with an
 image each, the single-process HF oracle, and the worker that spawned ranks run
-(``tests/test_megatron_parallel.py``). In the package (not under ``tests/``) so that
-spawned processes can import the worker.
+(``tests/test_megatron_parallel.py``; spawned processes import it through ``tests/`` on
+``sys.path``, see ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from ...algo.loss import LossInputs
-from ...kernels import fused_policy_loss
-from ..policy import SequenceBatch
+from visurf_kernels import LossSpec, fused_policy_loss
+
+from visurf_engine.learners.base import MicroBatch
+from visurf_engine.models.policy import SequenceBatch
 
 GRID = (1, 4, 4)  # one image: 16 patches of 3 x 2 x 14 x 14 values, 4 merged tokens
 PATCH_DIM = 3 * 2 * 14 * 14
-LOSS_KW = dict(temperature=0.9, eps_low=0.2, eps_high=0.28, dual_clip=3.0, backend="torch", with_entropy=True)
+SPEC = LossSpec(temperature=0.9, eps_low=0.2, eps_high=0.28, dual_clip=3.0, backend="torch", with_entropy=True)
 OPTIM = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
 MAX_NORM = 0.5
 
@@ -54,7 +55,7 @@ def tiny_vl_model(seed: int = 0, **config) -> Qwen2_5_VLForConditionalGeneration
     return model.float()
 
 
-def random_micro_batches(config, seed: int = 0, micro: int = 2, rows: int = 3) -> list[LossInputs]:
+def random_micro_batches(config, seed: int = 0, micro: int = 2, rows: int = 3) -> list[MicroBatch]:
     """``micro`` right-padded micro-batches of ``rows`` (prompt with one image, completion)
     sequences of random lengths and tokens, advantages, weights and old log-probs."""
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +96,7 @@ def random_micro_batches(config, seed: int = 0, micro: int = 2, rows: int = 3) -
         )
         n = int(batch.lengths.sum())
         per_seq = lambda v: torch.repeat_interleave(v, batch.lengths)  # noqa: E731
-        out.append(LossInputs(
+        out.append(MicroBatch(
             batch=batch,
             old_logp=None if m == 0 else -torch.rand(n, generator=g) * 6,  # on-policy, then off-policy (clipping)
             adv=per_seq(torch.randn(rows, generator=g)),
@@ -105,7 +106,7 @@ def random_micro_batches(config, seed: int = 0, micro: int = 2, rows: int = 3) -
     return out
 
 
-def hf_oracle(model, micro: list[LossInputs]) -> dict:
+def hf_oracle(model, micro: list[MicroBatch]) -> dict:
     """Single-process reference: per-micro-batch losses, grads (HF names), grad norm, and
     the weights after the clipped AdamW step."""
     model.train()
@@ -113,9 +114,7 @@ def hf_oracle(model, micro: list[LossInputs]) -> dict:
     for x in micro:
         hidden = model.model(**x.batch.inputs, use_cache=False).last_hidden_state
         h = hidden[x.batch.positions[:, 0], x.batch.positions[:, 1]]
-        loss, _ = fused_policy_loss(
-            h, model.lm_head.weight, x.batch.targets, x.old_logp, x.adv, x.w, logprob_mask=x.logprob_mask, **LOSS_KW
-        )
+        loss, _ = fused_policy_loss(h, model.lm_head.weight, x.batch.targets, x.old_logp, x.adv, x.w, SPEC, x.logprob_mask)
         loss.backward()
         losses.append(loss.detach())
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -131,18 +130,21 @@ def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from ...parallel.data_parallel import World
-    from ...parallel.megatron import init_megatron
-    from .convert import Layout
-    from .learner import MegatronLearner
+    from visurf_engine.learners.megatron.convert import Layout
+    from visurf_engine.learners.megatron.learner import MegatronLearner
+    from visurf_engine.parallel.data_parallel import World
+    from visurf_engine.parallel.megatron import init_megatron
 
-    init_megatron(World(rank=rank, size=world), tp, pp, seed=0)
+    dp = init_megatron(World(rank=rank, size=world), tp, pp, seed=0)
     model = tiny_vl_model(tied=tied)
-    learner = MegatronLearner(model, Layout.from_hf_config(model.config, tp, pp), **OPTIM)
-    results = learner.forward_backward(random_micro_batches(model.config), **LOSS_KW)
+    learner = MegatronLearner(model, Layout.from_hf_config(model.config, tp, pp), SPEC, dp, **OPTIM)
+    results = learner.forward_backward(random_micro_batches(model.config))
     grads = {k: p.main_grad.clone() for k, p in learner.module.named_parameters()}
     norm = learner.step(MAX_NORM)
-    learner.export_to(model)
+    with torch.no_grad():
+        state = model.state_dict(keep_vars=True)
+        for name, value in learner.export_weights():
+            state[name].copy_(value)
     torch.save(
         {"losses": torch.stack([r[0] for r in results]), "grads": grads, "norm": norm, "weights": model.state_dict()},
         Path(out) / f"rank{rank}.pt",

@@ -1,4 +1,5 @@
-"""Eval metrics: box geometry, gIoU / cIoU / N-Acc / bbox_acc, hand-computed."""
+"""The reward families' eval metrics and the box geometry beneath them: gIoU / cIoU / N-Acc /
+bbox_acc, hand-computed."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 
 import pytest
 
-from visurf_engine.eval.metrics import box_iou, grounding_metrics, iou, overlap, rate, sample_iou
 from visurf_engine.rewards import get_reward
+from visurf_engine.rewards.geometry import box_iou, iou, overlap
+from visurf_engine.rewards.metrics import grounding_metrics, rate, sample_iou
 
 A = [0, 0, 10, 10]
 

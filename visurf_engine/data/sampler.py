@@ -1,0 +1,36 @@
+"""``PromptSampler``: which training rows each step takes.
+
+Epoch-wise seeded permutations of the ``n`` rows (epoch ``e`` uses seed ``seed + e``), read
+``k`` at a time, crossing into the next epoch's permutation when one runs out. Its whole
+state is two integers (epoch, position), so a checkpoint resumes the exact sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PromptSampler:
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+
+    def _perm(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next(self, k: int) -> list[int]:
+        """The next ``k`` row indices."""
+        out, perm = [], self._perm()
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                perm = self._perm()
+            take = min(k - len(out), self.n - self.pos)
+            out += perm[self.pos : self.pos + take]
+            self.pos += take
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]

@@ -1,0 +1,121 @@
+"""The learner seam: one protocol every training backend implements (``docs/design.md`` §3).
+
+A learner owns the trainable weights and their optimizer. One optimizer step is
+
+    stats = learner.forward_backward(micro_batches)  # fused loss + backward per micro-batch;
+                                                     # gradients accumulated, reduced over data parallel
+    norm = learner.step(grad_clip)                   # global grad norm, clip, optimizer step, zero grads
+
+and ``export_weights()`` then streams the updated weights, under the Hugging Face names of the
+policy's ``state_dict``, to the rollout engine (``load_weights`` is the inverse, for resume).
+The trainer holds one learner, chosen once (``learners.build_learner``), and never asks
+which backend it is.
+
+A ``MicroBatch`` is a collated set of (prompt, completion) sequences with its per-completion-
+token loss inputs ``[N]`` (``make_micro_batch``); ``forward_backward`` returns, per
+micro-batch, the detached loss and the kernel's per-token stats (``logp``, ``clipped``,
+``entropy``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..algo.members import Members, per_token
+from ..models.policy import Policy, Prompts, SequenceBatch
+from ..parallel.data_parallel import World
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs of S sequences and their loss inputs per completion token (``[N]`` each)."""
+
+    batch: SequenceBatch
+    old_logp: torch.Tensor | None  # None: on-policy (ratio 1)
+    adv: torch.Tensor  # float32
+    w: torch.Tensor  # float32: the aggregation weight (``algo.members.sequence_weights``)
+    logprob_mask: torch.Tensor  # bool: tokens with the ``-A log pi`` loss
+
+
+def make_micro_batch(policy: Policy, prompts: Prompts, members: Members, weights: torch.Tensor) -> MicroBatch:
+    """Collate ``members`` (per-sequence ``weights[S]``) and broadcast their advantage, weight
+    and loss kind to their tokens; their ``old_logp`` (if any) is concatenated."""
+    batch = policy.collate(prompts, members.prompt.tolist(), members.tokens)
+    dev = batch.targets.device
+    return MicroBatch(
+        batch=batch,
+        old_logp=torch.cat(members.old_logp).to(dev) if members.old_logp is not None else None,
+        adv=per_token(members.adv, batch.lengths).to(dev),
+        w=per_token(weights, batch.lengths).to(dev),
+        logprob_mask=per_token(members.logprob_loss, batch.lengths).to(dev),
+    )
+
+
+LossStats = tuple[torch.Tensor, dict[str, torch.Tensor]]  # (detached loss, per-token stats)
+
+
+class Learner(ABC):
+    """The protocol (module docstring), with the optimizer bookkeeping both backends share."""
+
+    dp: World  # the data-parallel view of the world: the trainer splits prompts over it
+    optimizer: torch.optim.Optimizer
+    sharded_optimizer: bool = False  # True: every rank checkpoints its own optimizer state
+
+    @abstractmethod
+    def forward_backward(self, micro: Sequence[MicroBatch]) -> list[LossStats]:
+        """Loss and backward of every micro-batch; gradients accumulate and are reduced."""
+
+    @abstractmethod
+    def step(self, grad_clip: float) -> float:
+        """Clip by the global grad norm, optimizer step, zero the grads; the norm before clipping."""
+
+    @abstractmethod
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The current weights, ``(HF state_dict name, tensor)``; every rank must consume it."""
+
+    @abstractmethod
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Set the weights from HF-named tensors (e.g. a checkpoint loaded into the policy)."""
+
+    def share(self, obj: Any) -> Any:
+        """What every rank training the same model replica uses: ``obj`` of the replica's first
+        rank (model parallel), or ``obj`` itself when each rank holds a whole replica."""
+        return obj
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def clip_grad_norm(
+    params: Sequence[torch.nn.Parameter], max_norm: float, *, counted: Sequence[torch.Tensor] | None = None, group=None
+) -> float:
+    """Scale the gradients of ``params`` by ``min(1, max_norm / (|g| + 1e-6))`` and return ``|g|``.
+
+    ``|g|`` is the L2 norm of the gradients ``counted`` (default: those of ``params``); with a
+    process ``group`` (model parallel: each rank holds different parameters) the squares are
+    summed over it first. Without a group this is ``torch.nn.utils.clip_grad_norm_`` exactly.
+    """
+    grads = [g for g in (counted if counted is not None else [p.grad for p in params]) if g is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if group is not None:
+        sq = norm.double().square()
+        dist.all_reduce(sq, group=group)
+        norm = sq.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
