@@ -150,3 +150,22 @@ def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int
         Path(out) / f"rank{rank}.pt",
     )
     dist.destroy_process_group()
+
+
+def hf_learner_step(model, micro: list[MicroBatch]) -> dict:
+    """The same step through the ``hf`` backend's learner (``HFLearner``): losses, grads (HF
+    names), grad norm and the weights after its clipped AdamW step."""
+    from visurf_engine.learners.hf import HFLearner
+    from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for
+    from visurf_engine.models.policy import Policy
+    from visurf_engine.models.tiny import train_tokenizer
+    from visurf_engine.parallel.data_parallel import World
+
+    tokenizer = train_tokenizer(["a tokenizer for the policy wrapper; the micro-batches carry their own ids"])
+    policy = Policy(model, ImageOnlyProcessor(image_processor_for(56 * 56), tokenizer, chat_template=tokenizer.chat_template))
+    learner = HFLearner(policy, SPEC, World(), **OPTIM)
+    model.train()
+    losses = torch.stack([loss for loss, _ in learner.forward_backward(micro)])
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    norm = learner.step(MAX_NORM)
+    return {"losses": losses, "grads": grads, "norm": norm, "weights": dict(learner.export_weights())}

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..registry import Registry
 from .advantages import group_advantages
 
 
@@ -85,22 +86,16 @@ class Paradigm:
     phase: Callable[[int, int], Phase]
 
 
-PARADIGMS: dict[str, Paradigm] = {}
+PARADIGMS: Registry[Paradigm] = Registry("paradigm")
 
 
 def register_paradigm(paradigm: Paradigm) -> Paradigm:
     """Add ``paradigm`` under its name (``algo.paradigm`` then accepts it); a name is registered once."""
-    if paradigm.name in PARADIGMS:
-        raise ValueError(f"paradigm {paradigm.name!r} is already registered")
-    PARADIGMS[paradigm.name] = paradigm
-    return paradigm
+    return PARADIGMS.register(paradigm.name, paradigm)
 
 
 def get_paradigm(name: str) -> Paradigm:
-    try:
-        return PARADIGMS[name]
-    except KeyError:
-        raise ValueError(f"unknown paradigm {name!r}; registered: {sorted(PARADIGMS)}") from None
+    return PARADIGMS.get(name)
 
 
 for _phase in (SFT, RLVR, VISURF):

@@ -6,27 +6,22 @@ containing (recording, logging, zeroing) any per-sample failure.
 
 from __future__ import annotations
 
+from ..registry import Registry
 from .base import RewardSpec, ScoreBatch, score_batch
 from .grounding import GroundingReward
 from .math import MathReward
 
-REWARDS: dict[str, RewardSpec] = {}
+REWARDS: Registry[RewardSpec] = Registry("reward")
 
 
 def register(spec: RewardSpec) -> RewardSpec:
     """Add ``spec`` under ``spec.name``; a name can be registered once."""
-    if spec.name in REWARDS:
-        raise ValueError(f"reward {spec.name!r} is already registered")
-    REWARDS[spec.name] = spec
-    return spec
+    return REWARDS.register(spec.name, spec)
 
 
 def get_reward(name: str) -> RewardSpec:
     """The registered reward ``name``; ValueError naming the choices otherwise."""
-    try:
-        return REWARDS[name]
-    except KeyError:
-        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}") from None
+    return REWARDS.get(name)
 
 
 register(GroundingReward())
