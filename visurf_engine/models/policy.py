@@ -26,6 +26,7 @@ class Prompts:
     mm_token_type_ids: list[torch.Tensor]  # [P_i]
     pixel_values: list[torch.Tensor]  # [patches_i, C*T*p*p]
     image_grid_thw: list[torch.Tensor]  # [3]
+    images: list[Image.Image]  # the original RGB image (engines that run their own processor)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -76,6 +77,7 @@ class Policy:
             mm_token_type_ids=[t[k] for t, k in zip(enc["mm_token_type_ids"], keep)],
             pixel_values=list(pixels),
             image_grid_thw=list(grid),
+            images=list(images),
         )
 
     def encode_text(self, text: str) -> list[int]:
