@@ -22,6 +22,7 @@ from visurf_engine.data import shapes  # noqa: E402
 from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for, load_pretrained  # noqa: E402
 from visurf_engine.models.policy import Policy  # noqa: E402
 from visurf_engine.models.tiny import tiny_config, train_tokenizer  # noqa: E402
+from visurf_engine.rollout import vllm_cpu  # noqa: E402
 from visurf_engine.rollout.vllm import VLLMRollout, export_checkpoint  # noqa: E402
 
 T = 0.7
@@ -79,6 +80,16 @@ def sampled_logprob_error(policy, prompts, out) -> float:
         for b in range(len(prompts))
         for c, lp in zip(out.tokens[b], out.logprobs[b])
     )
+
+
+def test_torchvision_cpu_layer_defines_schemas_only():
+    import torchvision
+
+    if torchvision.extension._has_ops():
+        pytest.skip("torchvision's own C ops load here: the CPU layer stays inactive")
+    assert vllm_cpu.apply_torchvision_cpu_shim() and vllm_cpu.apply_torchvision_cpu_shim()  # active, idempotent
+    with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
+        torchvision.ops.nms(torch.rand(3, 4), torch.rand(3), 0.5)
 
 
 def test_engine_leaves_the_caller_state_alone(setup):
