@@ -186,7 +186,9 @@ def test_sync_after_an_adamw_step_and_the_prefix_reset_matters(setup):
     assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) < TOL
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="on CPU vLLM repacks linear weights into oneDNN handles: pointers prove nothing")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="on CPU vLLM repacks linear weights into oneDNN handles: pointers prove nothing"
+)
 def test_sync_keeps_engine_storage_on_cuda(setup):
     policy, prompts, rollout = setup
     assert rollout._check_storage

@@ -77,8 +77,9 @@ def test_checkpoint_names():
 
 
 def test_mismatches_are_named():
-    engine = {"model.layers.0.mlp.up_proj.weight": TensorSpec((4, 2), torch.float32), "lm_head.weight": TensorSpec((8, 2), torch.float32)}
-    ok = {"model.language_model.layers.0.mlp.up_proj.weight": TensorSpec((4, 2), torch.float32), "lm_head.weight": TensorSpec((8, 2), torch.float32)}
+    up, head = TensorSpec((4, 2), torch.float32), TensorSpec((8, 2), torch.float32)
+    engine = {"model.layers.0.mlp.up_proj.weight": up, "lm_head.weight": head}
+    ok = {"model.language_model.layers.0.mlp.up_proj.weight": up, "lm_head.weight": head}
     SyncPlan.build(ok, engine, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"engine tensors no trainer tensor feeds: \['lm_head.weight'\]"):
         SyncPlan.build({k: v for k, v in ok.items() if k != "lm_head.weight"}, engine, dtype=torch.float32)
@@ -87,7 +88,7 @@ def test_mismatches_are_named():
     with pytest.raises(ValueError, match="shape mismatches: .*lm_head.weight"):
         SyncPlan.build(ok | {"lm_head.weight": TensorSpec((9, 2), torch.float32)}, engine, dtype=torch.float32)
     with pytest.raises(ValueError, match="both map to 'model.layers.0.mlp.up_proj.weight'"):
-        SyncPlan.build(ok | {"model.layers.0.mlp.up_proj.weight": TensorSpec((4, 2), torch.float32)}, engine, dtype=torch.float32)
+        SyncPlan.build(ok | {"model.layers.0.mlp.up_proj.weight": up}, engine, dtype=torch.float32)
     plan = SyncPlan.build(ok, engine, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
         next(plan.batches([("model.language_model.layers.0.mlp.up_proj.weight", torch.zeros(4, 2))]))

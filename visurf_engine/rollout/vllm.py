@@ -177,7 +177,9 @@ def _collapse_image_pads(ids: Sequence[int], image_token_id: int) -> list[int]:
 
 class VLLMRollout:
     def __init__(self, model_dir: str | Path, tokenizer, cfg: Any):
-        """``cfg``: a mapping or an object with the keys of ``_DEFAULTS`` (missing ones take those defaults)."""
+        """``model_dir``: a checkpoint written by ``export_checkpoint``; ``tokenizer``: the policy's (for
+        ``<|im_end|>``); ``cfg``: a mapping or an object with the keys of ``_DEFAULTS`` (missing ones
+        take those defaults)."""
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 

