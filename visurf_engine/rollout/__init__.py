@@ -1,15 +1,14 @@
-"""Generation backends behind one protocol (``base.RolloutEngine``), chosen once by ``rollout.backend``."""
+"""Generation backends behind one protocol (``base.RolloutEngine``), chosen once by ``rollout.backend``.
+
+This ``__init__`` imports nothing heavy: ``visurf_engine/__init__`` imports ``vllm_cpu`` from here
+before anything imports transformers.
+"""
 
 from __future__ import annotations
 
-from ..config import Config
-from ..models.policy import Policy
-from .base import RolloutEngine, Rollouts
-from .hf import HFRollout
 
+def build_rollout(cfg, policy):
+    """The engine of ``cfg.rollout.backend`` over ``policy`` (``Config``, ``Policy``)."""
+    from .hf import HFRollout
 
-def build_rollout(cfg: Config, policy: Policy) -> RolloutEngine:
     return HFRollout(policy, cfg.rollout)
-
-
-__all__ = ["HFRollout", "RolloutEngine", "Rollouts", "build_rollout"]

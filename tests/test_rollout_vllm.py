@@ -1,0 +1,205 @@
+"""The vLLM rollout engine against the HF model it mirrors, on the tiny Qwen2.5-VL (float32).
+
+Runs only where vLLM is installed (CPU: ``bash scripts/setup_vllm_cpu.sh VENV_DIR``). The
+reference log-probs come from a plain HF forward through the engine's own ``Policy``
+(``completion_hidden`` @ LM head), with the vision placeholder tokens masked as vLLM's logit
+bias masks them, at the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from visurf_engine.tasks.shapes import generator as shapes  # noqa: E402
+from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for, load_pretrained  # noqa: E402
+from visurf_engine.models.policy import Policy  # noqa: E402
+from visurf_engine.models.tiny import tiny_config, train_tokenizer  # noqa: E402
+from visurf_engine.rollout import vllm_cpu  # noqa: E402
+from visurf_engine.rollout.vllm import VLLMRollout, export_checkpoint  # noqa: E402
+
+T = 0.7
+N = 3
+BUDGET = 16
+TOL = 1e-4
+
+
+def build_checkpoint(path):
+    """Random-init tiny model, its LM head scaled by 10 (peaked next-token distributions, a clear
+    greedy choice) and its ``<|im_end|>`` row set along the mean final hidden state (logit about 6),
+    so that many sampled completions end before the budget while greedy ones run to it."""
+    rows = shapes.make_split(64, seed=11, absent_ratio=0.5)
+    tokenizer = train_tokenizer([r.problem for r in rows] + ["<think>The red circle is at row 2.</think><answer>[]</answer>"])
+    processor = ImageOnlyProcessor(image_processor_for(shapes.SIZE * shapes.SIZE), tokenizer, chat_template=tokenizer.chat_template)
+    torch.manual_seed(0)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation="sdpa")
+    policy = Policy(model, processor)
+    prompts = policy.encode([r.problem for r in rows[:4]], [r.image for r in rows[:4]])
+    with torch.no_grad():
+        mean = model.model(**policy.collate(prompts, range(4), [[policy.eos_id]] * 4).inputs).last_hidden_state.mean(dim=(0, 1))
+        model.lm_head.weight.mul_(10.0)
+        model.lm_head.weight[policy.eos_id] = 6.0 * mean / mean.norm() ** 2
+    return export_checkpoint(model, processor, path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp("tiny-vllm"))
+    model, processor = load_pretrained(path)
+    policy = Policy(model, processor)
+    rows = shapes.make_split(2, seed=5, absent_ratio=0.0)
+    # long enough (> one 128-token KV block) that vLLM's prefix cache holds a block of each prompt
+    prompts = policy.encode([" ".join([r.problem] * 4) for r in rows], [r.image for r in rows])
+    cfg = dict(n=N, temperature=T, max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET, max_model_len=512, seed=3)
+    torch.manual_seed(123)
+    rollout = VLLMRollout(path, processor.tokenizer, cfg)
+    return policy, prompts, rollout
+
+
+def hf_logprobs(policy, prompts, b, completion, temperature, suppress=True):
+    batch = policy.collate(prompts, [b], [completion])
+    with torch.no_grad():
+        logits = policy.completion_hidden(batch) @ policy.lm_head_weight.T
+    if suppress:
+        logits[:, policy.suppressed] = float("-inf")
+    return F.log_softmax(logits / temperature, dim=-1).gather(1, batch.targets[:, None])[:, 0]
+
+
+def sampled_logprob_error(policy, prompts, out) -> float:
+    return max(
+        (hf_logprobs(policy, prompts, b, c, T) - lp).abs().max().item()
+        for b in range(len(prompts))
+        for c, lp in zip(out.tokens[b], out.logprobs[b])
+    )
+
+
+def test_torchvision_cpu_layer_defines_schemas_only():
+    import torchvision
+
+    if torchvision.extension._has_ops():
+        pytest.skip("torchvision's own C ops load here: the CPU layer stays inactive")
+    assert vllm_cpu.apply_torchvision_cpu_shim() and vllm_cpu.apply_torchvision_cpu_shim()  # active, idempotent
+    with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
+        torchvision.ops.nms(torch.rand(3, 4), torch.rand(3), 0.5)
+
+
+def test_engine_leaves_the_caller_state_alone(setup):
+    policy, prompts, rollout = setup
+    state = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    rollout.sample(prompts)
+    assert torch.equal(torch.get_rng_state(), state[0]) and np.array_equal(np.random.get_state()[1], state[1])
+    assert random.getstate() == state[2]
+    assert torch.get_num_threads() == threads and torch.set_num_threads is set_threads
+    assert rollout.dtype == torch.float32
+
+
+def test_samples_end_at_im_end_or_the_budget(setup):
+    policy, prompts, rollout = setup
+    block = rollout.llm.llm_engine.vllm_config.cache_config.block_size
+    assert all(len(ids) > block for ids in prompts.input_ids)
+    out = rollout.sample(prompts)
+    assert len(out.tokens) == len(prompts) and all(len(g) == N for g in out.tokens)
+    lengths = []
+    for group, lps in zip(out.tokens, out.logprobs):
+        for c, lp in zip(group, lps):
+            assert 1 <= len(c) <= BUDGET and lp.shape == (len(c),) and lp.dtype == torch.float32
+            assert c[-1] == policy.eos_id or len(c) == BUDGET
+            assert policy.eos_id not in c[:-1] and not set(policy.suppressed) & set(c)
+            lengths.append(len(c))
+    assert min(lengths) < BUDGET  # some stop at <|im_end|>
+    assert len({tuple(c) for g in out.tokens for c in g}) == len(prompts) * N
+
+
+def test_sampling_logprobs_match_hf(setup):
+    policy, prompts, rollout = setup
+    assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) < TOL
+
+
+def test_sampling_is_reproducible_from_the_seed(setup):
+    policy, prompts, rollout = setup
+    rollout._seeds.manual_seed(42)
+    first = rollout.sample(prompts).tokens
+    assert rollout.sample(prompts).tokens != first
+    rollout._seeds.manual_seed(42)
+    assert rollout.sample(prompts).tokens == first
+
+
+def test_greedy_is_deterministic_and_matches_hf(setup):
+    policy, prompts, rollout = setup
+    greedy = rollout.greedy(prompts)
+    assert rollout.greedy(prompts) == greedy
+    assert greedy == policy.generate(prompts, range(len(prompts)), max_new_tokens=BUDGET, do_sample=False)
+
+
+def test_fixed_completion_scores_match_hf(setup):
+    policy, prompts, rollout = setup
+    fixed = [c[0] for c in rollout.sample(prompts).tokens]
+    for b, lp in enumerate(rollout.score(prompts, fixed)):
+        assert (hf_logprobs(policy, prompts, b, fixed[b], 1.0, suppress=False) - lp).abs().max() < TOL
+
+
+def _adamw_step(policy, prompts, completions):
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-4)
+    batch = policy.collate(prompts, range(len(prompts)), completions)
+    logits = policy.completion_hidden(batch) @ policy.lm_head_weight.T
+    F.cross_entropy(logits, batch.targets).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_sync_after_an_adamw_step_and_the_prefix_reset_matters(setup):
+    """Last in the file: it updates the shared model."""
+    policy, prompts, rollout = setup
+    fixed = [c[0] for c in rollout.sample(prompts).tokens]  # the prompts' first KV blocks are now cached
+    _adamw_step(policy, prompts, fixed)
+
+    def score_error():
+        return max(
+            (hf_logprobs(policy, prompts, b, fixed[b], 1.0, suppress=False) - lp).abs().max().item()
+            for b, lp in enumerate(rollout.score(prompts, fixed))
+        )
+
+    assert score_error() > 1e-2  # the engine still has the old weights
+    rollout._reload(policy.model.named_parameters())  # weights and encoder cache, no prefix-cache reset
+    assert score_error() < TOL  # prompt log-probs never read the prefix cache
+    assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) > 1e-2  # stale prompt KV reused
+
+    rollout.sync_weights(policy.model.named_parameters())
+    assert score_error() < TOL
+    assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) < TOL
+
+    _adamw_step(policy, prompts, fixed)  # again, with one reload call per layer group
+    rollout.cfg["bucket_bytes"], rollout._plan = 1, None
+    rollout.sync_weights(policy.model.named_parameters())
+    assert len(rollout.plan.buckets) > 10
+    assert score_error() < TOL
+    assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) < TOL
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="on CPU vLLM repacks linear weights into oneDNN handles: pointers prove nothing"
+)
+def test_sync_keeps_engine_storage_on_cuda(setup):
+    policy, prompts, rollout = setup
+    assert rollout._check_storage
+    before = rollout._storage()
+    rollout.sync_weights(policy.model.named_parameters())  # raises if any parameter moved
+    assert rollout._storage() == before
+
+
+def test_checkpoint_without_video_processor_is_refused(tmp_path):
+    path = build_checkpoint(tmp_path)
+    config = (path / "processor_config.json").read_text()
+    (path / "processor_config.json").write_text(config.replace('"video_processor"', '"no_video_processor"'))
+    with pytest.raises(ValueError, match="export_checkpoint"):
+        VLLMRollout(path, None, {})
