@@ -105,7 +105,8 @@ class Trainer:
         self.train_rows, self.eval_rows, self.skipped_rows = load_datasets(cfg, self.spec)
         # forgetting probe: held-out count / colour questions, never in the post-training data
         self.probe_rows = shapes.make_probe_split(cfg.data.probe_size, seed=cfg.data.seed + 1)
-        model, processor = load_pretrained(path, dtype=torch.float32 if cfg.model.dtype != "bfloat16" else torch.bfloat16)
+        dtype = torch.float32 if cfg.model.dtype != "bfloat16" else torch.bfloat16
+        model, processor = load_pretrained(path, dtype=dtype, image_processor=cfg.model.image_processor)
         self.policy = Policy(model.to(world.device), processor, world.device)
         self.rollout = HFRollout(self.policy, cfg.rollout)
         self.learner = None
