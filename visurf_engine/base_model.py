@@ -93,7 +93,8 @@ def embedded_base_model(cfg: Config, *, progress: bool = True) -> Path:
     corpus = [r.problem for r, _ in examples + probes] + [t for _, t in examples + probes]
     corpus += [spec.answer(r.solution, s) for r in rows[:500] for s in spec.styles] + [spec.answer([], s) for s in spec.styles]
     tokenizer = train_tokenizer(corpus)
-    processor = ImageOnlyProcessor(image_processor_for(shapes.SIZE * shapes.SIZE), tokenizer, chat_template=tokenizer.chat_template)
+    images = image_processor_for(shapes.SIZE * shapes.SIZE, kind=cfg.model.image_processor)
+    processor = ImageOnlyProcessor(images, tokenizer, chat_template=tokenizer.chat_template)
     torch.manual_seed(cfg.data.seed)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
