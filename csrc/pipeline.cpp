@@ -13,9 +13,18 @@ namespace {
 
 constexpr int kRowsPerTask = 16;  // first-pass rows per scheduled task
 
+// Per-thread scratch: the vertical pass's sums, the horizontal pass's interleaved rows, one
+// block of output rows and pointers to the block's rows.
+struct Scratch {
+    std::vector<int32_t> acc, interleaved;
+    std::vector<uint8_t> rows;
+    std::vector<const uint8_t*> lines;
+};
+
 // One image's resize, in Pillow's order. The first pass (horizontal: only the input rows the
 // vertical pass reads; vertical: every output row) writes `mid`; the second pass runs per
-// output row, fused with the scatter into patches. Without a first pass, `mid` is the input.
+// block of output rows, fused with the scatter into patches. Without a first pass, `mid` is
+// the input.
 struct Plan {
     Rows input;
     int out_h, out_w;
@@ -28,24 +37,41 @@ struct Plan {
 
     uint8_t* mid_row(int y) { return mid_data.data() + static_cast<size_t>(y - mid.row0) * mid.width * 3; }
 
-    void first_pass(int y, int32_t* acc) {
-        if (horizontal_first)
-            resample_horizontal(input.row(y), mid_row(y), h);
-        else
-            resample_vertical(input, y, v, acc, mid_row(y));
+    // First-pass rows [y0, y1) of `mid`.
+    void first_pass(int y0, int y1, Scratch& s) {
+        if (!horizontal_first) {
+            for (int y = y0; y < y1; ++y) resample_vertical(input, y, v, s.acc.data(), mid_row(y));
+            return;
+        }
+        for (int y = y0; y < y1; y += kRowsAtOnce) {
+            const int n = std::min(kRowsAtOnce, y1 - y);
+            const uint8_t* src[kRowsAtOnce];
+            uint8_t* dst[kRowsAtOnce];
+            for (int r = 0; r < n; ++r) src[r] = input.row(y + r), dst[r] = mid_row(y + r);
+            resample_horizontal(src, dst, n, input.width, h, s.interleaved);
+        }
     }
 
-    // Output row y, in `buf` or in `mid`.
-    const uint8_t* second_pass(int y, int32_t* acc, uint8_t* buf) const {
+    // Output rows [y0, y0 + n): s.lines[r] is row y0 + r, in s.rows or in `mid`.
+    void second_pass(int y0, int n, Scratch& s) const {
+        const size_t stride = static_cast<size_t>(out_w) * 3;
+        s.rows.resize(n * stride);
+        s.lines.resize(n);
+        for (int r = 0; r < n; ++r) s.lines[r] = mid.row(y0 + r);
         if (horizontal_first && vertical) {
-            resample_vertical(mid, y, v, acc, buf);
-            return buf;
+            for (int r = 0; r < n; ++r) {
+                resample_vertical(mid, y0 + r, v, s.acc.data(), s.rows.data() + r * stride);
+                s.lines[r] = s.rows.data() + r * stride;
+            }
+        } else if (!horizontal_first && horizontal) {
+            for (int r0 = 0; r0 < n; r0 += kRowsAtOnce) {
+                const int k = std::min(kRowsAtOnce, n - r0);
+                uint8_t* dst[kRowsAtOnce];
+                for (int r = 0; r < k; ++r) dst[r] = s.rows.data() + (r0 + r) * stride;
+                resample_horizontal(s.lines.data() + r0, dst, k, mid.width, h, s.interleaved);
+                for (int r = 0; r < k; ++r) s.lines[r0 + r] = dst[r];
+            }
         }
-        if (!horizontal_first && horizontal) {
-            resample_horizontal(mid.row(y), buf, h);
-            return buf;
-        }
-        return mid.row(y);
     }
 };
 
@@ -91,20 +117,10 @@ void scatter_block(const uint8_t* const* lines, int by, const Plan& plan, const 
             }
 }
 
-// Per-thread scratch: the vertical pass's sums, a block of output rows and pointers to them.
-struct Scratch {
-    std::vector<int32_t> acc;
-    std::vector<uint8_t> rows;
-    std::vector<const uint8_t*> lines;
-};
-
 // Output rows [y0, y0 + m * p): the second pass, then scatter_block.
 void encode_block(const Plan& plan, int y0, const float* lut, const Geometry& g, float* out, Scratch& s) {
     const int block = g.patch * g.merge;
-    const size_t n = static_cast<size_t>(plan.out_w) * 3;
-    s.rows.resize(block * n);
-    s.lines.resize(block);
-    for (int r = 0; r < block; ++r) s.lines[r] = plan.second_pass(y0 + r, s.acc.data(), s.rows.data() + r * n);
+    plan.second_pass(y0, block, s);
     scatter_block(s.lines.data(), y0 / block, plan, lut, g, out);
 }
 
@@ -139,8 +155,7 @@ void encode(const std::vector<RgbImage>& images, const std::vector<std::pair<int
 #pragma omp for schedule(dynamic)
         for (int t = 0; t < n_rows; ++t) {
             Plan& p = plans[row_tasks[t].first];
-            const int end = std::min(row_tasks[t].second + kRowsPerTask, p.first_end);
-            for (int y = row_tasks[t].second; y < end; ++y) p.first_pass(y, s.acc.data());
+            p.first_pass(row_tasks[t].second, std::min(row_tasks[t].second + kRowsPerTask, p.first_end), s);
         }
 #pragma omp for schedule(dynamic)
         for (int t = 0; t < n_blocks; ++t) encode_block(plans[block_tasks[t].first], block_tasks[t].second, lut, g, pixel_values, s);

@@ -51,21 +51,27 @@ Taps bicubic_taps(int in_size, int out_size) {
     return t;
 }
 
-VISURF_SIMD_CLONES void resample_horizontal(const uint8_t* src, uint8_t* dst, const Taps& taps) {
+VISURF_SIMD_CLONES void resample_horizontal(const uint8_t* const* src, uint8_t* const* dst, int rows, int in_width,
+                                            const Taps& taps, std::vector<int32_t>& scratch) {
+    constexpr int lanes = 3 * kRowsAtOnce;
+    scratch.resize(static_cast<size_t>(in_width) * lanes);
+    int32_t* t = scratch.data();  // t[x * lanes + 3 * r + c] = src[r][3 * x + c]; missing rows repeat the last
+    const uint8_t* s[kRowsAtOnce];
+    for (int r = 0; r < kRowsAtOnce; ++r) s[r] = src[r < rows ? r : rows - 1];
+    for (int x = 0; x < 3 * in_width; x += 3, t += lanes)
+        for (int r = 0; r < kRowsAtOnce; ++r)
+            for (int c = 0; c < 3; ++c) t[3 * r + c] = s[r][x + c];
+    t = scratch.data();
     const int out_width = static_cast<int>(taps.first.size());
-    constexpr int32_t half = 1 << (kPrecisionBits - 1);
     for (int xx = 0; xx < out_width; ++xx) {
-        const uint8_t* p = src + 3 * taps.first[xx];
+        const int32_t* p = t + static_cast<size_t>(taps.first[xx]) * lanes;
         const int32_t* w = &taps.weight[static_cast<size_t>(xx) * taps.ksize];
-        int32_t s0 = half, s1 = half, s2 = half;
-        for (int j = 0, n = taps.count[xx]; j < n; ++j, p += 3) {
-            s0 += p[0] * w[j];
-            s1 += p[1] * w[j];
-            s2 += p[2] * w[j];
-        }
-        dst[3 * xx + 0] = clip8(s0);
-        dst[3 * xx + 1] = clip8(s1);
-        dst[3 * xx + 2] = clip8(s2);
+        int32_t acc[lanes];
+        for (int i = 0; i < lanes; ++i) acc[i] = 1 << (kPrecisionBits - 1);
+        for (int j = 0, n = taps.count[xx]; j < n; ++j, p += lanes)
+            for (int i = 0; i < lanes; ++i) acc[i] += p[i] * w[j];
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < 3; ++c) dst[r][3 * xx + c] = clip8(acc[3 * r + c]);
     }
 }
 

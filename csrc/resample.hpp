@@ -53,9 +53,14 @@ inline uint8_t clip8(int32_t acc) {
     return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-// Horizontal pass of one row: dst[x, c] = clip8(2^21 + sum_j src[first[x] + j, c] * w[x, j]),
-// x < taps.first.size() (the output width).
-void resample_horizontal(const uint8_t* src, uint8_t* dst, const Taps& taps);
+// Rows the horizontal pass filters at once: each tap is then one multiply-add over 3 * 8 lanes.
+constexpr int kRowsAtOnce = 8;
+
+// Horizontal pass of `rows` <= kRowsAtOnce rows:
+//   dst[r][x, c] = clip8(2^21 + sum_j src[r][first[x] + j, c] * w[x, j]),  x < taps.first.size();
+// scratch: the rows interleaved pixel by pixel.
+void resample_horizontal(const uint8_t* const* src, uint8_t* const* dst, int rows, int in_width, const Taps& taps,
+                         std::vector<int32_t>& scratch);
 
 // Vertical pass for output row y: dst[i] = clip8(2^21 + sum_j src.row(first[y] + j)[i] * w[y, j]),
 // i < 3 * src.width; acc: scratch of 3 * src.width.
