@@ -31,8 +31,8 @@ std::vector<std::pair<int, int>> output_sizes(const std::vector<RgbImage>& image
 //   pixel_values[n_i + ((by * (gw / m) + bx) * m + my) * m + mx, ((c * T + t) * p + py) * p + px]
 //     = value(c, (by * m + my) * p + py, (bx * m + mx) * p + px)   for every t < T,
 // with gw = w_i / p and n_i the patches of the images before i: the layout of transformers'
-// patchify. Pillow's first pass runs on rows, then one task per block of m * p output rows does
-// the second pass, the lookup and the scatter into patches; both parallel over `threads`.
+// patchify. One task per block of m * p output rows takes its input rows through both passes,
+// the lookup and the scatter into patches; the tasks run in parallel over `threads`.
 void encode(const std::vector<RgbImage>& images, const std::vector<std::pair<int, int>>& sizes, const float* lut,
             const Geometry& g, float* pixel_values, int threads);
 
