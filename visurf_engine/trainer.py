@@ -55,7 +55,8 @@ class Trainer:
         seed_everything(t.seed + self.dp.rank)
         self.spec = get_reward(cfg.data.reward)
         self.data = load_task(cfg, self.spec)
-        model, processor = load_pretrained(path, dtype=torch.float32 if cfg.model.dtype != "bfloat16" else torch.bfloat16)
+        dtype = torch.float32 if cfg.model.dtype != "bfloat16" else torch.bfloat16
+        model, processor = load_pretrained(path, dtype=dtype, image_processor=cfg.model.image_processor)
         self.policy = Policy(model.to(world.device), processor, world.device)
         self.loss_spec = cfg.loss_spec()
         self.learner = build_learner(cfg, self.policy, self.loss_spec, self.dp)

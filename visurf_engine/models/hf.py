@@ -1,7 +1,8 @@
 """Qwen2-VL / Qwen2.5-VL through transformers: processor and loading from a local directory.
 
-Images go through the PIL image processor (``Qwen2VLImageProcessorPil``): the torchvision
-one cannot run beside a CPU build of torch. The processor is image-only because the stock
+Images go through the PIL image processor (``Qwen2VLImageProcessorPil``; the torchvision one
+cannot run beside a CPU build of torch), or by default through its native subclass
+(``image_processor.py``, same outputs). The processor is image-only because the stock
 one insists on a torchvision video processor; transformers derives a processor's parts from
 its ``__init__`` signature, so naming only the image processor and tokenizer is enough.
 It returns ``mm_token_type_ids``, without which Qwen2.5-VL silently falls back to 1-D
@@ -22,6 +23,8 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from .image_processor import image_processor_class
+
 MODEL_CLASSES = {
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
@@ -35,15 +38,20 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-def image_processor_for(pixels: int | None = None, path: str | Path | None = None) -> Qwen2VLImageProcessorPil:
-    """From a checkpoint dir, or fixed to ``pixels`` (min = max: images keep their size)."""
+def image_processor_for(
+    pixels: int | None = None, path: str | Path | None = None, kind: str = "native"
+) -> Qwen2VLImageProcessorPil:
+    """From a checkpoint dir, or fixed to ``pixels`` (min = max: images keep their size); ``kind``: native | hf."""
+    cls = image_processor_class(kind)
     if path is not None:
-        return Qwen2VLImageProcessorPil.from_pretrained(str(path))
-    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
+        return cls.from_pretrained(str(path))
+    return cls(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """``(model, processor)`` from a local checkpoint directory; clear errors if it is not one."""
+def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, image_processor: str = "native"):
+    """``(model, processor)`` from a local checkpoint directory; clear errors if it is not one.
+
+    ``image_processor``: native (``csrc/``, HF's when not built) | hf."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path {str(path)!r}: no config.json there (need a local Hugging Face checkpoint dir)")
@@ -53,5 +61,6 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32):
         raise ValueError(f"model.path {str(path)!r}: model_type {config.model_type!r} unsupported; use one of {list(MODEL_CLASSES)}")
     model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    processor = ImageOnlyProcessor(image_processor_for(path=path), tokenizer, chat_template=tokenizer.chat_template)
+    images = image_processor_for(path=path, kind=image_processor)
+    processor = ImageOnlyProcessor(images, tokenizer, chat_template=tokenizer.chat_template)
     return model, processor

@@ -112,8 +112,8 @@ def build_base_model(cfg: Config, *, progress: bool = True) -> Path:
     corpus = [r.problem for r, _ in examples + probes] + [t for _, t in examples + probes]
     corpus += [spec.answer(r.solution, s) for r in rows[:500] for s in spec.styles] + [spec.answer([], s) for s in spec.styles]
     tokenizer = train_tokenizer(corpus)
-    size = generator.SIZE * generator.SIZE
-    processor = ImageOnlyProcessor(image_processor_for(size), tokenizer, chat_template=tokenizer.chat_template)
+    images = image_processor_for(generator.SIZE * generator.SIZE, kind=cfg.model.image_processor)
+    processor = ImageOnlyProcessor(images, tokenizer, chat_template=tokenizer.chat_template)
     torch.manual_seed(cfg.data.seed)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
