@@ -19,15 +19,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
-import json
-import os
-import platform
-import shlex
 import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,21 +30,11 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from visurf_engine.models import image_processor as ip
+from visurf_engine.provenance import cpu_model, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SIZES = [(840, 840), (1280, 960), (2048, 1536)]  # (width, height)
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def _time(processor, images: list[Image.Image], threads: int, reps: int) -> float:
@@ -103,7 +86,7 @@ def main(argv=None) -> int:
         one = next(r for r in rows if r["size"] == row["size"] and r["threads"] == args.threads[0])
         row["native_scaling"] = one["native_ms_per_image"] / row["native_ms_per_image"]
 
-    print(f"\n{_cpu_model()}; batch {args.batch}, median of {args.reps}; HF's processor is single-threaded")
+    print(f"\n{cpu_model()}; batch {args.batch}, median of {args.reps}; HF's processor is single-threaded")
     print(f"{'size':>10s} {'thr':>3s} {'HF ms/img':>10s} {'HF img/s':>9s} {'native ms/img':>14s} {'native img/s':>13s} "
           f"{'speedup':>8s} {'scaling':>8s}")  # fmt: skip
     for r in rows:
@@ -114,24 +97,13 @@ def main(argv=None) -> int:
     stamp = dt.datetime.now(dt.timezone.utc)
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname()) or "host"
     out = args.out or RESULTS / f"image_pipeline-{host}-{stamp:%Y%m%d-%H%M%S}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "bench": "image_pipeline",
-        "date": stamp.isoformat(),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_WAIT_POLICY") if k in os.environ},
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))},
-        "device": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "machine": platform.machine()},
-        "versions": {
-            "python": platform.python_version(),
-            **{pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers", "pillow", "numpy")},
-            "compiler": ip._native.compiler,
-            "openmp": ip._native.openmp,
-        },
+        "native_build": {"compiler": ip._native.compiler, "openmp": ip._native.openmp},
         "mode": "quick" if args.quick else "full",
         "results": rows,
     }
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out = write_result(out, payload)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
-import json
 import math
 import platform
 import statistics
@@ -37,17 +35,12 @@ import torch
 
 from visurf_kernels import LossSpec, fused_logprobs, fused_policy_loss
 
+from visurf_engine.provenance import write_result
+
 GPU_SHAPES = {"qwen2.5-vl-3b": (2048, 151936), "qwen2.5-vl-7b": (3584, 152064)}
 CPU_SHAPES = {"cpu-small": (256, 8192)}
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def make_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
@@ -215,27 +208,16 @@ def main(argv=None):
     stamp = dt.datetime.now(dt.timezone.utc)
     tag = "cpu-quick" if quick and device.type == "cpu" else dev_name.lower().replace(" ", "-")
     out = args.out or RESULTS / f"kernels-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "bench": "kernels",
-        "date": stamp.isoformat(),
-        "device": dev_name,
         "mode": "quick" if quick else "full",
         "dtype": str(dtype),
         "reps": reps,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": _version("triton"),
-            "liger_kernel": _version("liger-kernel"),
-        },
         "skipped": skipped,
         "results": rows,
         "summary": summary,
     }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_result(out, payload)}")
 
 
 if __name__ == "__main__":

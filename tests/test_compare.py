@@ -163,15 +163,3 @@ def test_repo_plan_covers_the_issue(compare):
     }
     assert len({(j.cfg.train.steps, j.cfg.data.seed, j.cfg.data.probe_size) for j in jobs}) == 1  # same budget and data
     assert jobs[0].cfg.data.probe_size > 0 and jobs[0].cfg.train.eval_every > 0
-
-
-def test_git_commit_reads_head(compare, tmp_path):
-    git = tmp_path / ".git"
-    (git / "refs" / "heads").mkdir(parents=True)
-    (git / "HEAD").write_text("ref: refs/heads/main\n")
-    (git / "refs" / "heads" / "main").write_text("a" * 40 + "\n")
-    assert compare.git_commit(tmp_path) == "a" * 40
-    (git / "refs" / "heads" / "main").unlink()
-    (git / "packed-refs").write_text(f"# pack-refs\n{'b' * 40} refs/heads/main\n")
-    assert compare.git_commit(tmp_path) == "b" * 40
-    assert compare.git_commit(tmp_path / "nowhere") is None

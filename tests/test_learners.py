@@ -29,9 +29,9 @@ def _free_port() -> int:
 
 def test_hf_learner_is_the_autograd_oracle():
     model = tiny_vl_model()
-    got = hf_learner_step(model, random_micro_batches(model.config))
+    got = hf_learner_step(model, random_micro_batches(model))
     model = tiny_vl_model()
-    ref = hf_oracle(model, random_micro_batches(model.config))
+    ref = hf_oracle(model, random_micro_batches(model))
     assert torch.equal(got["losses"], ref["losses"]) and got["norm"] == ref["norm"]
     assert all(torch.equal(got["grads"][k], g) for k, g in ref["grads"].items())
     assert all(torch.equal(got["weights"][k], w) for k, w in ref["weights"].items() if k in got["weights"])
@@ -42,7 +42,7 @@ def test_hf_and_megatron_learners_agree(tmp_path):
     mp.start_processes(parallel_worker, args=(tp, _free_port(), str(tmp_path), tp, 1, False), nprocs=tp, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(tp)]
     model = tiny_vl_model()
-    ref = hf_learner_step(model, random_micro_batches(model.config))
+    ref = hf_learner_step(model, random_micro_batches(model))
     for r in ranks:
         torch.testing.assert_close(r["losses"], ref["losses"], **LOSS_TOL)
         assert r["norm"] == pytest.approx(ref["norm"], rel=GRAD_RTOL)

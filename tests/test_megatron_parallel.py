@@ -47,7 +47,7 @@ def test_parallel_step_equals_single_process_hf(tmp_path, tp, pp, tied):
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     model = tiny_vl_model(tied=tied)
-    ref = hf_oracle(model, random_micro_batches(model.config))
+    ref = hf_oracle(model, random_micro_batches(model))
     lay = Layout.from_hf_config(model.config, tp, pp)
     # rank = tp_rank + tp * pp_rank; the last stage computes the loss, every stage reports it
     for r in ranks:

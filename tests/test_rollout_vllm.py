@@ -18,12 +18,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from visurf_engine.tasks.shapes import generator as shapes  # noqa: E402
+from visurf_engine.models import attention  # noqa: E402
 from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for, load_pretrained  # noqa: E402
-from visurf_engine.models.policy import Policy  # noqa: E402
+from visurf_engine.models.policy import Batching, Policy  # noqa: E402
 from visurf_engine.models.tiny import tiny_config, train_tokenizer  # noqa: E402
 from visurf_engine.rollout import vllm_cpu  # noqa: E402
 from visurf_engine.rollout.vllm import VLLMRollout, export_checkpoint  # noqa: E402
+from visurf_engine.tasks.shapes import generator as shapes  # noqa: E402
+
+PADDED = Batching(pack=False, vision_once=False)
 
 T = 0.7
 N = 3
@@ -41,11 +44,13 @@ def build_checkpoint(path):
     torch.manual_seed(0)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation="sdpa")
+    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation=attention.NAME)
     policy = Policy(model, processor)
     prompts = policy.encode([r.problem for r in rows[:4]], [r.image for r in rows[:4]])
     with torch.no_grad():
-        mean = model.model(**policy.collate(prompts, range(4), [[policy.eos_id]] * 4).inputs).last_hidden_state.mean(dim=(0, 1))
+        b = policy.collate(prompts, range(4), [[policy.eos_id]] * 4, PADDED)
+        mean = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                           pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw).last_hidden_state.mean(dim=(0, 1))
         model.lm_head.weight.mul_(10.0)
         model.lm_head.weight[policy.eos_id] = 6.0 * mean / mean.norm() ** 2
     return export_checkpoint(model, processor, path)
@@ -66,7 +71,7 @@ def setup(tmp_path_factory):
 
 
 def hf_logprobs(policy, prompts, b, completion, temperature, suppress=True):
-    batch = policy.collate(prompts, [b], [completion])
+    batch = policy.collate(prompts, [b], [completion], PADDED)
     with torch.no_grad():
         logits = policy.completion_hidden(batch) @ policy.lm_head_weight.T
     if suppress:
@@ -150,7 +155,7 @@ def test_fixed_completion_scores_match_hf(setup):
 
 def _adamw_step(policy, prompts, completions):
     opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-4)
-    batch = policy.collate(prompts, range(len(prompts)), completions)
+    batch = policy.collate(prompts, range(len(prompts)), completions, PADDED)
     logits = policy.completion_hidden(batch) @ policy.lm_head_weight.T
     F.cross_entropy(logits, batch.targets).backward()
     opt.step()

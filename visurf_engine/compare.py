@@ -28,14 +28,11 @@ of the session that finished the run (``resumed_from_step`` says where that sess
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import logging
 import os
-import platform
 import re
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +46,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_from_mapping
 from .parallel.data_parallel import World, barrier, init_world
+from .provenance import provenance as provenance_of
 from .report import read_metrics, write_report, write_results_doc
 from .tasks import prepare_base_model
 from .trainer import Trainer
@@ -187,35 +185,10 @@ def run_job(job: Job, world: World, session: dict[str, Any]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def git_commit(repo: Path) -> str | None:
-    """The commit ``repo``'s HEAD points at, read from its ``.git`` files; None outside a checkout."""
-    git = repo / ".git"
-    try:
-        if git.is_file():  # a worktree: "gitdir: <path>"
-            git = (repo / git.read_text().split(":", 1)[1].strip()).resolve()
-        common = git / (git / "commondir").read_text().strip() if (git / "commondir").is_file() else git
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head  # detached HEAD
-        ref = head[len("ref: "):]
-        if (common / ref).is_file():
-            return (common / ref).read_text().strip()
-        packed = common / "packed-refs"
-        lines = packed.read_text().splitlines() if packed.is_file() else []
-        return next((line.split()[0] for line in lines if line.endswith(f" {ref}")), None)
-    except OSError:
-        return None
-
-
 def provenance(argv: list[str]) -> dict[str, Any]:
-    """Command, commit, date and machine of this comparison."""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return {
-        "command": "python -m visurf_engine.compare " + shlex.join(argv),
-        "commit": git_commit(Path(__file__).resolve().parent.parent),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{device}, {platform.system()} {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
-    }
+    """Command, commit, date, machine and versions of this comparison (``provenance.provenance``)."""
+    p = provenance_of(["python", "-m", "visurf_engine.compare", *argv])
+    return p | {"machine": f"{p['device']}, {p['machine']}, Python {p['versions']['python']}, torch {torch.__version__}"}
 
 
 def main(argv: list[str] | None = None) -> int:

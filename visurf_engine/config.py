@@ -106,7 +106,10 @@ class LossConfig:
 class TrainConfig:
     steps: int = 300
     batch_size: int = 8  # prompts per step (each brings G rollouts [+ gold])
-    micro_batch_size: int = 16  # sequences per forward/backward
+    pack: bool = True  # packed sequences (no padding, attention within each sequence); false: right-padded rows
+    vision_once: bool = True  # the vision tower once per prompt image per forward, shared by its members
+    max_tokens_per_micro_batch: int = 8192  # packed: tokens (prompt + completion) per forward/backward
+    micro_batch_size: int = 16  # padded (train.pack=false): sequences per forward/backward
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -220,6 +223,7 @@ def validate(cfg: Config) -> Config:
         "train.steps": t.steps,
         "train.batch_size": t.batch_size,
         "train.micro_batch_size": t.micro_batch_size,
+        "train.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
         "rollout.n": r.n,
         "rollout.max_new_tokens": r.max_new_tokens,
         "algo.updates_per_step": a.updates_per_step,

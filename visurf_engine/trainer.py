@@ -32,7 +32,7 @@ from .data import PromptSampler, Row
 from .eval.evaluate import evaluate
 from .learners import build_learner, make_micro_batch, parallel_world
 from .models.hf import load_pretrained
-from .models.policy import Policy, Prompts
+from .models.policy import Batching, Policy, Prompts
 from .parallel.data_parallel import World, all_reduce_sum, barrier
 from .rewards import get_reward, score_batch
 from .rng import seed_everything
@@ -60,6 +60,10 @@ class Trainer:
         self.policy = Policy(model.to(world.device), processor, world.device)
         self.loss_spec = cfg.loss_spec()
         self.learner = build_learner(cfg, self.policy, self.loss_spec, self.dp)
+        if t.pack and not self.learner.packs:
+            log.info("model.backend=%s trains padded rows: train.pack does not apply", cfg.model.backend)
+        self.batching = Batching(pack=t.pack and self.learner.packs, vision_once=t.vision_once,
+                                 max_tokens=t.max_tokens_per_micro_batch, max_seqs=t.micro_batch_size)  # fmt: skip
         self.rollout = build_rollout(cfg, self.policy)
         self.paradigm = get_paradigm(cfg.algo.paradigm)
         self.sft_steps = cfg.algo.sft_steps if cfg.algo.sft_steps >= 0 else t.steps // 2
@@ -147,8 +151,7 @@ class Trainer:
 
         def loglik(idx: list[int], candidates: list[str]) -> list[float]:
             tokens = [self.policy.encode_text(c) for c in candidates]
-            logp = self.policy.logprobs(prompts, idx, tokens, self.loss_spec.replace(with_entropy=False),
-                                        self.cfg.train.micro_batch_size)  # fmt: skip
+            logp = self.policy.logprobs(prompts, idx, tokens, self.loss_spec.replace(with_entropy=False), self.batching)
             return [float(x.sum()) for x in torch.split(logp, [len(t) for t in tokens])]
 
         gold = make_gold(
@@ -164,10 +167,10 @@ class Trainer:
 
     def _update(self, prompts: Prompts, members: Members) -> dict[str, float]:
         """``algo.updates_per_step`` optimizer steps over ``members``, in micro-batches."""
-        cfg, a, mbs = self.cfg, self.cfg.algo, self.cfg.train.micro_batch_size
+        cfg, a = self.cfg, self.cfg.algo
         if a.updates_per_step > 1:  # later mini-batches are off-policy: keep the pre-update log-probs
             old = self.policy.logprobs(prompts, members.prompt.tolist(), members.tokens,
-                                       self.loss_spec.replace(with_entropy=False), mbs)  # fmt: skip
+                                       self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
             members.old_logp = list(torch.split(old, members.lengths.tolist()))
         sums = defaultdict(float)
         for chunk in np.array_split(np.arange(len(members)), a.updates_per_step):
@@ -175,9 +178,10 @@ class Trainer:
             counts = all_reduce_sum(torch.tensor([len(part), int(part.lengths.sum())], dtype=torch.float64), self.dp)
             weights = sequence_weights(part.lengths, a.aggregation, num_seqs=int(counts[0]), num_tokens=int(counts[1]),
                                        max_len=cfg.rollout.max_new_tokens)  # fmt: skip
-            micro = [part.select(range(i, min(i + mbs, len(part)))) for i in range(0, len(part), mbs)]
-            batches = [make_micro_batch(self.policy, prompts, x, weights[i * mbs :][: len(x)]) for i, x in enumerate(micro)]
-            for x, (loss, stats) in zip(micro, self.learner.forward_backward(batches)):
+            tokens = (part.lengths + torch.tensor([len(prompts.input_ids[p]) for p in part.prompt.tolist()])).tolist()
+            micro = [(part.select(r), weights[r.start : r.stop]) for r in self.batching.split(tokens)]
+            batches = [make_micro_batch(self.policy, prompts, x, w, self.batching) for x, w in micro]
+            for (x, _), (loss, stats) in zip(micro, self.learner.forward_backward(batches)):
                 rollout_tok = per_token(~x.gold, x.lengths).to(stats["logp"].device)
                 sums["loss"] += loss.item()
                 sums["clipped"] += stats["clipped"].float().sum().item()

@@ -16,13 +16,16 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from visurf_kernels import LossSpec, fused_policy_loss
 
 from visurf_engine.learners.base import MicroBatch
-from visurf_engine.models.policy import SequenceBatch
+from visurf_engine.models import attention
+from visurf_engine.models.collate import Batching, collate
+from visurf_engine.models.prompts import Prompts
 
 GRID = (1, 4, 4)  # one image: 16 patches of 3 x 2 x 14 x 14 values, 4 merged tokens
 PATCH_DIM = 3 * 2 * 14 * 14
 SPEC = LossSpec(temperature=0.9, eps_low=0.2, eps_high=0.28, dual_clip=3.0, backend="torch", with_entropy=True)
 OPTIM = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
 MAX_NORM = 0.5
+PADDED = Batching(pack=False, vision_once=False)
 
 
 def tiny_vl_config(vocab: int = 301, tied: bool = False) -> Qwen2_5_VLConfig:
@@ -47,7 +50,7 @@ def tiny_vl_config(vocab: int = 301, tied: bool = False) -> Qwen2_5_VLConfig:
 def tiny_vl_model(seed: int = 0, **config) -> Qwen2_5_VLForConditionalGeneration:
     """Random float32 model; every tensor (norms and biases too) gets noise, so layouts matter."""
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_vl_config(**config), attn_implementation="sdpa")
+    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_vl_config(**config), attn_implementation=attention.NAME)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
@@ -55,9 +58,11 @@ def tiny_vl_model(seed: int = 0, **config) -> Qwen2_5_VLForConditionalGeneration
     return model.float()
 
 
-def random_micro_batches(config, seed: int = 0, micro: int = 2, rows: int = 3) -> list[MicroBatch]:
-    """``micro`` right-padded micro-batches of ``rows`` (prompt with one image, completion)
-    sequences of random lengths and tokens, advantages, weights and old log-probs."""
+def random_micro_batches(model, seed: int = 0, micro: int = 2, rows: int = 3, batching: Batching = PADDED) -> list[MicroBatch]:
+    """``micro`` micro-batches (padded unless ``batching`` says otherwise) of ``rows`` (prompt with
+    one image, completion) sequences of random lengths and tokens, advantages, weights and old
+    log-probs, collated as the trainer collates them (``models.collate``)."""
+    config = model.config
     g = torch.Generator().manual_seed(seed)
     text = config.text_config.vocab_size - 4
     n_img = GRID[0] * GRID[1] * GRID[2] // 4
@@ -67,33 +72,20 @@ def random_micro_batches(config, seed: int = 0, micro: int = 2, rows: int = 3) -
 
     out = []
     for m in range(micro):
-        seqs, positions, targets, lengths = [], [], [], []
-        for s in range(rows):
-            prompt = torch.cat([
+        ids, completions = [], []
+        for _ in range(rows):
+            ids.append(torch.cat([
                 rand(int(rand(1, 4)) + 2), torch.tensor([config.vision_start_token_id]),
                 torch.full((n_img,), config.image_token_id), torch.tensor([config.vision_end_token_id]), rand(int(rand(1, 5)) + 1),
-            ])
-            completion = rand(int(rand(1, 6)) + 2)
-            seqs.append((prompt, completion))
-            p, c = len(prompt), len(completion)
-            positions.append(torch.stack([torch.full((c,), s), torch.arange(p - 1, p - 1 + c)], dim=1))
-            targets.append(completion)
-            lengths.append(c)
-        width = max(len(p) + len(c) for p, c in seqs)
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        mask, mm = torch.zeros_like(ids), torch.zeros_like(ids)
-        for s, (p, c) in enumerate(seqs):
-            ids[s, : len(p) + len(c)] = torch.cat([p, c])
-            mask[s, : len(p) + len(c)] = 1
-            mm[s, : len(p)] = (p == config.image_token_id).long()
-        batch = SequenceBatch(
-            inputs={
-                "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm,
-                "pixel_values": torch.randn(rows * GRID[0] * GRID[1] * GRID[2], PATCH_DIM, generator=g),
-                "image_grid_thw": torch.tensor([GRID] * rows),
-            },
-            positions=torch.cat(positions), targets=torch.cat(targets), lengths=torch.tensor(lengths),
-        )
+            ]))  # fmt: skip
+            completions.append(rand(int(rand(1, 6)) + 2).tolist())
+        pixels = torch.randn(rows * GRID[0] * GRID[1] * GRID[2], PATCH_DIM, generator=g)
+        prompts = Prompts(
+            input_ids=ids, mm_token_type_ids=[(p == config.image_token_id).long() for p in ids],
+            pixel_values=list(pixels.chunk(rows)), image_grid_thw=[torch.tensor(GRID)] * rows, images=[None] * rows,
+        )  # fmt: skip
+        batch = collate(prompts, range(rows), completions, batching, rope_index=model.model.get_rope_index, pad_id=0,
+                        device=torch.device("cpu"))  # fmt: skip
         n = int(batch.lengths.sum())
         per_seq = lambda v: torch.repeat_interleave(v, batch.lengths)  # noqa: E731
         out.append(MicroBatch(
@@ -102,7 +94,7 @@ def random_micro_batches(config, seed: int = 0, micro: int = 2, rows: int = 3) -
             adv=per_seq(torch.randn(rows, generator=g)),
             w=per_seq(torch.rand(rows, generator=g) / (micro * rows)),
             logprob_mask=per_seq(torch.arange(rows) == m % rows),
-        ))
+        ))  # fmt: skip
     return out
 
 
@@ -112,7 +104,9 @@ def hf_oracle(model, micro: list[MicroBatch]) -> dict:
     model.train()
     losses = []
     for x in micro:
-        hidden = model.model(**x.batch.inputs, use_cache=False).last_hidden_state
+        b = x.batch  # padded, an image per row: transformers' own multimodal forward
+        hidden = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                             pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw, use_cache=False).last_hidden_state
         h = hidden[x.batch.positions[:, 0], x.batch.positions[:, 1]]
         loss, _ = fused_policy_loss(h, model.lm_head.weight, x.batch.targets, x.old_logp, x.adv, x.w, SPEC, x.logprob_mask)
         loss.backward()
@@ -138,7 +132,7 @@ def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int
     dp = init_megatron(World(rank=rank, size=world), tp, pp, seed=0)
     model = tiny_vl_model(tied=tied)
     learner = MegatronLearner(model, Layout.from_hf_config(model.config, tp, pp), SPEC, dp, **OPTIM)
-    results = learner.forward_backward(random_micro_batches(model.config))
+    results = learner.forward_backward(random_micro_batches(model))
     grads = {k: p.main_grad.clone() for k, p in learner.module.named_parameters()}
     norm = learner.step(MAX_NORM)
     with torch.no_grad():
@@ -152,18 +146,23 @@ def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int
     dist.destroy_process_group()
 
 
+def tiny_policy(model):
+    """``model`` as a ``Policy`` (with a throw-away tokenizer: the fixtures' batches carry their own ids)."""
+    from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for
+    from visurf_engine.models.policy import Policy
+    from visurf_engine.models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["a tokenizer for the policy wrapper; the micro-batches carry their own ids"])
+    return Policy(model, ImageOnlyProcessor(image_processor_for(56 * 56), tokenizer, chat_template=tokenizer.chat_template))
+
+
 def hf_learner_step(model, micro: list[MicroBatch]) -> dict:
     """The same step through the ``hf`` backend's learner (``HFLearner``): losses, grads (HF
     names), grad norm and the weights after its clipped AdamW step."""
     from visurf_engine.learners.hf import HFLearner
-    from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for
-    from visurf_engine.models.policy import Policy
-    from visurf_engine.models.tiny import train_tokenizer
     from visurf_engine.parallel.data_parallel import World
 
-    tokenizer = train_tokenizer(["a tokenizer for the policy wrapper; the micro-batches carry their own ids"])
-    policy = Policy(model, ImageOnlyProcessor(image_processor_for(56 * 56), tokenizer, chat_template=tokenizer.chat_template))
-    learner = HFLearner(policy, SPEC, World(), **OPTIM)
+    learner = HFLearner(tiny_policy(model), SPEC, World(), **OPTIM)
     model.train()
     losses = torch.stack([loss for loss, _ in learner.forward_backward(micro)])
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..algo.members import Members, per_token
-from ..models.policy import Policy, Prompts, SequenceBatch
+from ..models.policy import Batching, Policy, Prompts, SequenceBatch
 from ..parallel.data_parallel import World
 
 
@@ -42,10 +42,13 @@ class MicroBatch:
     logprob_mask: torch.Tensor  # bool: tokens with the ``-A log pi`` loss
 
 
-def make_micro_batch(policy: Policy, prompts: Prompts, members: Members, weights: torch.Tensor) -> MicroBatch:
-    """Collate ``members`` (per-sequence ``weights[S]``) and broadcast their advantage, weight
-    and loss kind to their tokens; their ``old_logp`` (if any) is concatenated."""
-    batch = policy.collate(prompts, members.prompt.tolist(), members.tokens)
+def make_micro_batch(
+    policy: Policy, prompts: Prompts, members: Members, weights: torch.Tensor, batching: Batching
+) -> MicroBatch:
+    """Collate ``members`` (per-sequence ``weights[S]``; padded or packed as ``batching`` says)
+    and broadcast their advantage, weight and loss kind to their tokens; their ``old_logp``
+    (if any) is concatenated."""
+    batch = policy.collate(prompts, members.prompt.tolist(), members.tokens, batching)
     dev = batch.targets.device
     return MicroBatch(
         batch=batch,
@@ -65,6 +68,7 @@ class Learner(ABC):
     dp: World  # the data-parallel view of the world: the trainer splits prompts over it
     optimizer: torch.optim.Optimizer
     sharded_optimizer: bool = False  # True: every rank checkpoints its own optimizer state
+    packs: bool = True  # takes packed micro-batches (models.collate); False: padded only
 
     @abstractmethod
     def forward_backward(self, micro: Sequence[MicroBatch]) -> list[LossStats]:

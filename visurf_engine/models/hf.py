@@ -5,7 +5,9 @@ cannot run beside a CPU build of torch), or by default through its native subcla
 (``image_processor.py``, same outputs). The processor is image-only because the stock
 one insists on a torchvision video processor; transformers derives a processor's parts from
 its ``__init__`` signature, so naming only the image processor and tokenizer is enough.
-It returns ``mm_token_type_ids``, without which Qwen2.5-VL silently falls back to 1-D
+Models load with ``models.attention``'s implementation (SDPA, and attention within each
+sequence of a packed batch). The processor returns ``mm_token_type_ids``, without which
+Qwen2.5-VL silently falls back to 1-D
 positions instead of mRoPE.
 """
 
@@ -23,6 +25,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from . import attention
 from .image_processor import image_processor_class
 
 MODEL_CLASSES = {
@@ -59,7 +62,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, ima
     cls = MODEL_CLASSES.get(config.model_type)
     if cls is None:
         raise ValueError(f"model.path {str(path)!r}: model_type {config.model_type!r} unsupported; use one of {list(MODEL_CLASSES)}")
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attention.NAME)
     tokenizer = AutoTokenizer.from_pretrained(path)
     images = image_processor_for(path=path, kind=image_processor)
     processor = ImageOnlyProcessor(images, tokenizer, chat_template=tokenizer.chat_template)

@@ -1,48 +1,29 @@
 """The policy: a Qwen2(.5)-VL model plus its processor, seen as prompts -> completions.
 
-Prompts are encoded once per step (``encode``) and kept unpadded per prompt, so any set
-of (prompt, completion) pairs — G rollouts, the gold, several micro-batches — can be
-collated on demand. Training never asks the model for logits: ``completion_hidden``
-returns the final hidden states at the positions that predict each completion token,
-``[N, H]`` for N completion tokens, which the fused loss multiplies with the LM head;
-``logprobs`` is the no-grad fused pass over such pairs (old log-probs, align's scoring).
+``encode`` turns problems and images into ``Prompts`` once per step; ``collate``
+(``models.collate``) turns (prompt, completion) pairs into a padded or packed batch with each
+prompt image once. Training never asks the model for logits: ``completion_hidden`` returns the
+final hidden states at the positions that predict each completion token, ``[N, H]`` for N
+completion tokens, which the fused loss multiplies with the LM head; ``logprobs`` is the
+no-grad fused pass over such pairs (old log-probs, align's scoring).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from PIL import Image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from visurf_kernels import LossSpec, fused_logprobs
 
+from .attention import NAME as PACKED_ATTENTION
+from .collate import Batching, SequenceBatch, collate
 from .hf import ImageOnlyProcessor
+from .prompts import Prompts
 
-
-@dataclass
-class Prompts:
-    """Encoded prompts; every list is indexed by prompt (unpadded)."""
-
-    input_ids: list[torch.Tensor]  # [P_i] int64
-    mm_token_type_ids: list[torch.Tensor]  # [P_i]
-    pixel_values: list[torch.Tensor]  # [patches_i, C*T*p*p]
-    image_grid_thw: list[torch.Tensor]  # [3]
-    images: list[Image.Image]  # the RGB images themselves (engines that run their own processor)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-@dataclass
-class SequenceBatch:
-    """Model inputs for (prompt, completion) pairs and where the completion tokens sit."""
-
-    inputs: dict[str, torch.Tensor]
-    positions: torch.Tensor  # [N, 2] (row, position of the hidden state predicting the token)
-    targets: torch.Tensor  # [N] completion token ids
-    lengths: torch.Tensor  # [S] completion length per sequence
+__all__ = ["Batching", "Policy", "Prompts", "SequenceBatch"]
 
 
 class Policy:
@@ -91,11 +72,6 @@ class Policy:
         """Token ids of a completion text, ending with the end-of-turn token."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
 
-    def _vision(self, prompts: Prompts, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        return {
-            "pixel_values": torch.cat([prompts.pixel_values[i] for i in idx]).to(self.device),
-            "image_grid_thw": torch.stack([prompts.image_grid_thw[i] for i in idx]).to(self.device),
-        }
 
     @torch.no_grad()
     def generate(
@@ -130,7 +106,8 @@ class Policy:
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 mm_token_type_ids=mm.to(self.device),
-                **self._vision(prompts, idx),
+                pixel_values=torch.cat([prompts.pixel_values[i] for i in idx]).to(self.device),
+                image_grid_thw=torch.stack([prompts.image_grid_thw[i] for i in idx]).to(self.device),
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
@@ -144,45 +121,38 @@ class Policy:
             completions.append(row[:cut])
         return completions
 
-    def collate(self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]]) -> SequenceBatch:
-        """Right-padded ``prompt + completion`` rows for the training forward."""
-        rows = [torch.cat([prompts.input_ids[i], torch.tensor(c, dtype=torch.long)]) for i, c in zip(idx, completions)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mm = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        positions, targets = [], []
-        for s, (i, c, r) in enumerate(zip(idx, completions, rows)):
-            ids[s, : len(r)] = r
-            p = len(prompts.input_ids[i])
-            mm[s, :p] = prompts.mm_token_type_ids[i]
-            mask[s, : len(r)] = 1
-            positions.append(torch.stack([torch.full((len(c),), s), torch.arange(p - 1, p - 1 + len(c))], dim=1))
-            targets.append(torch.tensor(c, dtype=torch.long))
-        inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm}
-        inputs = {k: v.to(self.device) for k, v in inputs.items()} | self._vision(prompts, idx)
-        return SequenceBatch(
-            inputs=inputs,
-            positions=torch.cat(positions).to(self.device),
-            targets=torch.cat(targets).to(self.device),
-            lengths=torch.tensor([len(c) for c in completions]),
-        )
+    def collate(
+        self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]], batching: Batching
+    ) -> SequenceBatch:
+        """The sequences ``prompts[idx[s]] + completions[s]`` as one forward's batch (``models.collate``)."""
+        return collate(prompts, idx, completions, batching, rope_index=self.model.model.get_rope_index,
+                       pad_id=self.pad_id, device=self.device)  # fmt: skip
 
     def completion_hidden(self, batch: SequenceBatch) -> torch.Tensor:
-        """Final hidden states ``[N, H]`` that predict the N completion tokens of ``batch``."""
-        hidden = self.model.model(**batch.inputs, use_cache=False).last_hidden_state  # [S, T, H]
+        """Final hidden states ``[N, H]`` that predict the N completion tokens of ``batch``: the
+        vision tower runs on the batch's images, each sequence takes its image's embeddings."""
+        inner = self.model.model
+        if batch.cu_seqlens is not None and inner.language_model.config._attn_implementation != PACKED_ATTENTION:
+            raise ValueError(
+                f"a packed batch needs the policy's attention to be {PACKED_ATTENTION!r} (models.attention; "
+                f"load_pretrained sets it), not {inner.language_model.config._attn_implementation!r}: "
+                f"model.set_attn_implementation({PACKED_ATTENTION!r}), or train.pack=false"
+            )
+        images = inner.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True).pooler_output
+        per_seq = BaseModelOutputWithPooling(pooler_output=[images[i] for i in batch.image_of_seq.tolist()])
+        hidden = inner(**batch.lm_kwargs(), mm_encoder_outputs={"image": per_seq}, use_cache=False).last_hidden_state
         return hidden[batch.positions[:, 0], batch.positions[:, 1]]
 
     @torch.no_grad()
     def logprobs(
         self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]], spec: LossSpec,
-        chunk: int,
+        batching: Batching,
     ) -> torch.Tensor:  # fmt: skip
-        """Per-token ``logp[N]`` of ``completions[s]`` after prompt ``idx[s]``, ``chunk``
-        sequences per forward (the no-grad fused pass), in order."""
+        """Per-token ``logp[N]`` of ``completions[s]`` after prompt ``idx[s]`` (the no-grad fused
+        pass), in order, in the micro-batches of ``batching``."""
         out = []
-        for i in range(0, len(idx), chunk):
-            batch = self.collate(prompts, idx[i : i + chunk], completions[i : i + chunk])
+        for part in batching.split([len(prompts.input_ids[p]) + len(c) for p, c in zip(idx, completions)]):
+            batch = self.collate(prompts, [idx[s] for s in part], [completions[s] for s in part], batching)
             with self.autocast():
                 hidden = self.completion_hidden(batch)
                 out.append(fused_logprobs(hidden, self.lm_head_weight, batch.targets, spec)[0])

@@ -53,6 +53,7 @@ class MegatronLearner(Learner):
     """This rank's shard of the policy, its DDP wrapper and optimizer (module docstring)."""
 
     sharded_optimizer = True
+    packs = False  # the local layer spec has no packed (THD) attention: padded rows
 
     def __init__(self, hf_model: torch.nn.Module, layout: Layout, spec: LossSpec, dp: World, *, lr: float, betas,
                  weight_decay: float):  # fmt: skip
@@ -129,28 +130,26 @@ class MegatronLearner(Learner):
             results = box[0]
         return results
 
-    def _stage_inputs(self, x) -> dict[str, torch.Tensor]:
-        inputs = x.batch.inputs
-        position_ids, _ = self.hf_model.model.get_rope_index(
-            inputs["input_ids"],
-            inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=inputs["attention_mask"],
-        )
-        s = inputs["input_ids"].shape[1]
-        causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).triu(1)[None, None]
+    def _stage_inputs(self, x: MicroBatch) -> dict[str, torch.Tensor]:
+        b = x.batch
+        if b.cu_seqlens is not None:
+            raise ValueError("the megatron learner takes padded micro-batches (Batching(pack=False))")
+        s = b.input_ids.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=b.input_ids.device).triu(1)[None, None]
         return {
-            "input_ids": inputs["input_ids"],
-            "position_ids": position_ids,
+            "input_ids": b.input_ids,
+            "position_ids": b.position_ids,
             "attention_mask": causal,
-            "pixel_values": inputs["pixel_values"],
-            "image_grid_thw": inputs["image_grid_thw"],
+            "pixel_values": b.pixel_values,
+            "image_grid_thw": b.image_grid_thw,
+            "image_of_seq": b.image_of_seq,
             "loss_inputs": x,
         }
 
     def _forward_step(self, data_iterator, model):
         b = next(data_iterator)
-        hidden = model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+        hidden = model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"],
+                       b["image_of_seq"])  # fmt: skip
         return hidden, partial(self._loss, b["loss_inputs"])
 
     def _loss(self, x: MicroBatch, hidden: torch.Tensor):

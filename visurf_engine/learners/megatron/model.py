@@ -138,13 +138,16 @@ class QwenVLMegatron(MegatronModule):
         start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
         return weight[: max(0, min(weight.shape[0], self.layout.vocab - start))], start
 
-    def forward(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None):
-        """``[S, B, H]``: the next stage's input, or (last stage) the final hidden states."""
+    def forward(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None, image_of_seq=None):
+        """``[S, B, H]``: the next stage's input, or (last stage) the final hidden states. The
+        vision tower runs once per image; row b takes the embeddings of image ``image_of_seq[b]``."""
         decoder_input = None
         if self.pre_process:
             emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
             if pixel_values is not None:
                 image = self.visual(pixel_values.to(emb.dtype), grid_thw=image_grid_thw).pooler_output
+                per_image = torch.split(image, (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist())
+                image = torch.cat([per_image[i] for i in image_of_seq.tolist()])
                 slots = (input_ids == self.image_token_id).unsqueeze(-1)  # [B, S, 1]
                 emb = emb.transpose(0, 1).masked_scatter(slots, image.to(emb.dtype)).transpose(0, 1).contiguous()
             decoder_input = emb

@@ -39,8 +39,9 @@ from ...algo.members import build_members
 from ...config import Config
 from ...learners.base import make_micro_batch
 from ...learners.hf import HFLearner
+from ...models import attention
 from ...models.hf import ImageOnlyProcessor, image_processor_for
-from ...models.policy import Policy
+from ...models.policy import Batching, Policy
 from ...models.tiny import tiny_config, train_tokenizer
 from ...parallel.data_parallel import World
 from ...rewards import get_reward
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 POLICY_STYLE = "spaced"  # how the warm-started policy writes its answers
 VERSION = 2  # bump when the recipe changes, to invalidate caches
+# The recipe's batches: padded rows, an image per row (the layout VERSION 2 was built with; the
+# packed layout is the same math in another summation order, and would change the cached model).
+WARMSTART_BATCHING = Batching(pack=False, vision_once=False, max_seqs=1 << 30)
 
 
 def _key(cfg: Config) -> str:
@@ -117,7 +121,7 @@ def build_base_model(cfg: Config, *, progress: bool = True) -> Path:
     torch.manual_seed(cfg.data.seed)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation="sdpa")
+    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation=attention.NAME)
     policy = Policy(model, processor)
     learner = HFLearner(policy, LossSpec(backend=cfg.loss.backend), World(), lr=ws.lr, betas=(0.9, 0.999),
                         weight_decay=0.0)  # fmt: skip
@@ -134,7 +138,7 @@ def build_base_model(cfg: Config, *, progress: bool = True) -> Path:
                                 gold_logprob_loss=True)  # fmt: skip
         weights = torch.full((len(members),), 1.0 / int(members.lengths.sum()))
         learner.set_lr(ws.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / ws.steps)))
-        [(loss, _)] = learner.forward_backward([make_micro_batch(policy, prompts, members, weights)])
+        [(loss, _)] = learner.forward_backward([make_micro_batch(policy, prompts, members, weights, WARMSTART_BATCHING)])
         learner.step(1.0)
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         bar.set_postfix(nll=f"{loss_ema:.3f}")

@@ -1,0 +1,141 @@
+"""Collation of (prompt, completion) sequences for a forward pass: padded or packed, with the
+vision inputs once per prompt image.
+
+S sequences, sequence s = prompt ``idx[s]`` (``P_s`` tokens, one image) + completion ``c_s``
+(``C_s`` tokens), ``L_s = P_s + C_s``:
+
+- **padded**: ``R = S`` rows right-padded to ``T = max_s L_s``, ``attention_mask[S, T]``;
+- **packed**: one row of the S sequences back to back, ``T = sum_s L_s``, no padding, and
+  ``cu_seqlens = [0, L_1, L_1 + L_2, ..., T]``: attention stays within each sequence
+  (``models.attention``: flash-attn varlen on CUDA, per-sequence SDPA elsewhere).
+
+``position_ids[3, R, T]`` are each sequence's own mRoPE positions (temporal, height, width),
+from the model's ``get_rope_index`` run on that sequence alone, so a packed sequence has
+exactly the positions it has unpacked. ``positions[N, 2]`` (row, column) locate the hidden
+states that predict the ``N = sum_s C_s`` completion tokens: column ``o_s + P_s - 1 + j`` for
+token j of sequence s, with ``o_s`` its offset in the row (0 when padded).
+
+Vision: with ``vision_once`` the batch carries the I distinct prompt images of its sequences
+once and ``image_of_seq[s]`` names each sequence's image, so the vision tower runs I times,
+not S (a group's G + 1 members share their prompt's image embeddings; their gradients add up
+in the one vision forward). Without it, every sequence brings its own copy (I = S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .prompts import Prompts
+
+RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the model's get_rope_index
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How sequences are grouped into forward passes.
+
+    ``pack``: packed rows, micro-batches by ``max_tokens`` (sum of ``L_s``); else padded rows,
+    ``max_seqs`` sequences per micro-batch. ``vision_once``: each prompt image once per pass.
+    """
+
+    pack: bool = True
+    vision_once: bool = True
+    max_tokens: int = 8192
+    max_seqs: int = 16
+
+    def split(self, seq_tokens: Sequence[int]) -> list[range]:
+        """Consecutive micro-batches over sequences of ``seq_tokens[s]`` tokens: packed, as many
+        as fit in ``max_tokens`` (a longer sequence alone); padded, ``max_seqs`` at a time."""
+        if not self.pack:
+            return [range(i, min(i + self.max_seqs, len(seq_tokens))) for i in range(0, len(seq_tokens), self.max_seqs)]
+        out, start, total = [], 0, 0
+        for s, n in enumerate(seq_tokens):
+            if s > start and total + n > self.max_tokens:
+                out.append(range(start, s))
+                start, total = s, 0
+            total += n
+        if start < len(seq_tokens):
+            out.append(range(start, len(seq_tokens)))
+        return out
+
+
+@dataclass
+class SequenceBatch:
+    """Model inputs of S sequences (module docstring) and where their completion tokens sit."""
+
+    input_ids: torch.Tensor  # [R, T]
+    position_ids: torch.Tensor  # [3, R, T] mRoPE positions
+    attention_mask: torch.Tensor | None  # [R, T] padded; None packed
+    cu_seqlens: torch.Tensor | None  # [S + 1] int32 packed; None padded
+    pixel_values: torch.Tensor  # [patches, C*T*p*p] of the batch's I images
+    image_grid_thw: torch.Tensor  # [I, 3]
+    image_of_seq: torch.Tensor  # [S] int64: the image of each sequence
+    positions: torch.Tensor  # [N, 2] (row, column) of the hidden state predicting each completion token
+    targets: torch.Tensor  # [N] completion token ids
+    lengths: torch.Tensor  # [S] completion lengths
+
+    def lm_kwargs(self) -> dict:
+        """The language-model keyword arguments (no vision) of this batch."""
+        kw = {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask}
+        if self.cu_seqlens is not None:
+            longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+            kw |= {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                   "max_length_q": longest, "max_length_k": longest}  # fmt: skip
+        return kw
+
+
+def collate(
+    prompts: Prompts,
+    idx: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    batching: Batching,
+    *,
+    rope_index: RopeIndex,
+    pad_id: int,
+    device: torch.device,
+) -> SequenceBatch:
+    """``SequenceBatch`` of the sequences ``prompts[idx[s]] + completions[s]`` (module docstring)."""
+    idx = list(idx)
+    images = list(dict.fromkeys(idx)) if batching.vision_once else idx
+    slot = {p: k for k, p in enumerate(images)}
+    image_of_seq = torch.tensor([slot[p] for p in idx] if batching.vision_once else range(len(idx)), dtype=torch.long)
+    grid = torch.stack([prompts.image_grid_thw[p] for p in images])
+    seqs = [torch.cat([prompts.input_ids[p], torch.tensor(c, dtype=torch.long)]) for p, c in zip(idx, completions)]
+    types = [torch.cat([prompts.mm_token_type_ids[p], torch.zeros(len(c), dtype=torch.long)]) for p, c in zip(idx, completions)]
+    seq_grid = grid[image_of_seq]
+    if batching.pack:
+        input_ids = torch.cat(seqs)[None]
+        position_ids = torch.cat(
+            [rope_index(s[None], t[None], image_grid_thw=g[None])[0] for s, t, g in zip(seqs, types, seq_grid)], dim=2
+        )
+        lens = torch.tensor([len(s) for s in seqs])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        rows, offsets, mask, cu_seqlens = torch.zeros(len(seqs), dtype=torch.long), cu[:-1], None, cu.to(torch.int32)
+    else:
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mm = torch.zeros_like(input_ids)
+        mask = torch.zeros_like(input_ids)
+        for r, (s, t) in enumerate(zip(seqs, types)):
+            input_ids[r, : len(s)], mm[r, : len(s)], mask[r, : len(s)] = s, t, 1
+        position_ids = rope_index(input_ids, mm, image_grid_thw=seq_grid, attention_mask=mask)[0]
+        rows, offsets, cu_seqlens = torch.arange(len(seqs)), torch.zeros(len(seqs), dtype=torch.long), None
+    positions = torch.cat([
+        torch.stack([torch.full((len(c),), int(r)), o + len(prompts.input_ids[p]) - 1 + torch.arange(len(c))], dim=1)
+        for p, c, r, o in zip(idx, completions, rows, offsets)
+    ])  # fmt: skip
+    return SequenceBatch(
+        input_ids=input_ids.to(device),
+        position_ids=position_ids.to(device),
+        attention_mask=mask.to(device) if mask is not None else None,
+        cu_seqlens=cu_seqlens.to(device) if cu_seqlens is not None else None,
+        pixel_values=torch.cat([prompts.pixel_values[p] for p in images]).to(device),
+        image_grid_thw=grid.to(device),
+        image_of_seq=image_of_seq,
+        positions=positions.to(device),
+        targets=torch.cat([torch.tensor(c, dtype=torch.long) for c in completions]).to(device),
+        lengths=torch.tensor([len(c) for c in completions]),
+    )
