@@ -1,0 +1,53 @@
+"""Qwen2.5-VL architectures of real sizes, for profiling without a download (random init).
+
+The values are those of the published Qwen2.5-VL-3B-Instruct and -7B-Instruct
+``config.json`` files (text: hidden size, layers, heads, KV heads, MLP width, vocabulary,
+RoPE; vision: 32 blocks of width 1280, window attention with four full-attention blocks,
+2x2 merge to the text width). ``real_shape_config(name, tokenizer)`` builds one with the
+special-token ids of ``tokenizer`` (the tiny preset's offline tokenizer has the Qwen special
+tokens, at low ids inside the real vocabulary), so the engine's code path is the real one
+and only the weights are random.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig
+
+from .tiny import SPECIAL_TOKENS
+
+_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")  # fmt: skip
+_ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+
+SHAPES = {
+    "qwen2.5-vl-3b": dict(
+        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000),
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-vl-7b": dict(
+        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000),
+        tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+def real_shape_config(name: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+    """The ``name`` architecture (``SHAPES``) with ``tokenizer``'s special-token ids."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown real-shape preset {name!r}; choose one of {sorted(SHAPES)}")
+    shape = SHAPES[name]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = shape["text"] | dict(rope_parameters=_ROPE, rms_norm_eps=1e-6, tie_word_embeddings=shape["tie_word_embeddings"],
+                                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                                pad_token_id=ids["<|endoftext|>"])  # fmt: skip
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=_VISION | {"out_hidden_size": shape["text"]["hidden_size"]},
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=shape["tie_word_embeddings"],
+    )
