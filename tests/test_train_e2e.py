@@ -118,3 +118,18 @@ def test_trainer_on_a_prepared_base_model_trains_nothing(cache, tmp_path, monkey
 def test_trainer_without_a_base_model_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_base_model"):
         Trainer(small_cfg(tmp_path / "empty-cache", tmp_path / "run"))
+
+
+def test_kl_penalty_against_the_frozen_base_model(cache, tmp_path):
+    from visurf_engine.models.hf import load_pretrained
+
+    cfg = small_cfg(cache, tmp_path, "train.steps=2", "algo.kl_coef=0.1", "algo.kl_estimator=k3")
+    trainer = Trainer(cfg)
+    base = load_pretrained(prepare_base_model(cfg))[0].state_dict()
+    trainer.run()
+    steps = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert all(math.isfinite(s["kl"]) and s["kl"] >= 0 for s in steps) and "time/reference" in steps[0]
+    ref, pol = trainer.reference.model.state_dict(), trainer.policy.model.state_dict()
+    assert set(ref) == set(base) and all(torch.equal(ref[k], base[k]) for k in base)  # the reference stayed the base model
+    assert any(not torch.equal(pol[k], ref[k]) for k in ref)  # while the policy trained
+    assert Trainer(small_cfg(cache, tmp_path / "nokl", "train.steps=1")).reference is None  # kl_coef 0: no reference pass

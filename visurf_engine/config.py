@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from visurf_kernels import BACKENDS, LossSpec
+from visurf_kernels.spec import KL_ESTIMATORS
 
 from .algo.members import AGGREGATIONS
 from .algo.paradigms import PARADIGMS
@@ -95,6 +96,8 @@ class AlgoConfig:
     gold_loss: str = "ppo"  # ppo (same clipped surrogate as rollouts) | logprob (-A* log pi)
     aggregation: str = "token-mean"
     updates_per_step: int = 1  # optimizer steps per batch (>1 needs an old-log-prob pass)
+    kl_coef: float = 0.0  # KL penalty against the frozen base model (0: none, and no reference pass)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (= verl low_var_kl, TRL's)
 
 
 @dataclass
@@ -139,10 +142,12 @@ class Config:
     def loss_spec(self) -> LossSpec:
         """The run's loss options as the kernel's ``LossSpec``, the one place config keys meet it:
         the sampling temperature (log-probs of the sampled distribution), ``algo.eps_low`` /
-        ``eps_high`` / ``dual_clip``, ``loss.backend``; the entropy is always reported (logged)."""
+        ``eps_high`` / ``dual_clip`` / ``kl_coef`` / ``kl_estimator``, ``loss.backend``; the entropy
+        is always reported (logged)."""
         a = self.algo
         return LossSpec(temperature=self.rollout.temperature, eps_low=a.eps_low, eps_high=a.eps_high,
-                        dual_clip=a.dual_clip, with_entropy=True, backend=self.loss.backend)  # fmt: skip
+                        dual_clip=a.dual_clip, with_entropy=True, backend=self.loss.backend,
+                        kl_coef=a.kl_coef, kl_estimator=a.kl_estimator)  # fmt: skip
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -212,6 +217,9 @@ def validate(cfg: Config) -> Config:
     _check_choice("algo.paradigm", a.paradigm, tuple(PARADIGMS))
     _check_choice("algo.aggregation", a.aggregation, AGGREGATIONS)
     _check_choice("algo.gold_loss", a.gold_loss, ("ppo", "logprob"))
+    _check_choice("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
+    if a.kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef: must be >= 0, got {a.kl_coef}")
     _check_choice("loss.backend", cfg.loss.backend, BACKENDS)
     _check_choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
     _check_choice("model.backend", cfg.model.backend, ("hf", "megatron"))

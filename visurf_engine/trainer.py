@@ -1,7 +1,7 @@
 """The step of the design (``docs/design.md`` §4), top to bottom:
 
-    sample -> rollout -> score -> gold -> advantages -> learner update -> weight sync
-    -> log / evaluate / checkpoint
+    sample -> rollout -> score -> gold -> advantages -> (reference log-probs) -> learner update
+    -> weight sync -> log / evaluate / checkpoint
 
 One ``Trainer`` runs every registered paradigm (``algo.paradigms``): the step's phase says
 whether it samples rollouts and whether the gold joins the group. It holds one learner
@@ -10,7 +10,9 @@ whether it samples rollouts and whether the gold joins the group. It holds one l
 Data parallel: each rank takes 1/dp of the step's prompts (dp: the learner's data-parallel
 view of the world), the loss weights are normalised over the global batch, and the ranks of
 one model-parallel replica train on the same members (``learner.share``). The model to
-post-train must exist (``tasks.prepare_base_model``): building a trainer never trains.
+post-train must exist (``tasks.prepare_base_model``): building a trainer never trains. With
+``algo.kl_coef > 0`` a frozen copy of that model is the KL penalty's reference; its per-token
+log-probs of the members come from one no-grad fused pass a step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from visurf_kernels import kl_penalty
 
 from . import checkpoint as ckpt
 from .algo.gold import make_gold
@@ -58,6 +61,10 @@ class Trainer:
         dtype = torch.float32 if cfg.model.dtype != "bfloat16" else torch.bfloat16
         model, processor = load_pretrained(path, dtype=dtype, image_processor=cfg.model.image_processor)
         self.policy = Policy(model.to(world.device), processor, world.device)
+        self.reference = None  # the KL penalty's frozen reference: the model post-training starts from
+        if cfg.algo.kl_coef > 0:
+            ref, _ = load_pretrained(path, dtype=dtype, image_processor=cfg.model.image_processor)
+            self.reference = Policy(ref.to(world.device).eval().requires_grad_(False), processor, world.device)
         self.loss_spec = cfg.loss_spec()
         self.learner = build_learner(cfg, self.policy, self.loss_spec, self.dp)
         if t.pack and not self.learner.packs:
@@ -125,6 +132,11 @@ class Trainer:
         members = build_members(rollouts, rollout_adv, gold_tokens, gold_adv,
                                 gold_logprob_loss=phase.gold_logprob_loss(a.gold_loss))  # fmt: skip
         members = self.learner.share(members)
+        if self.reference is not None:
+            with timer("reference"):
+                ref = self.reference.logprobs(prompts, members.prompt.tolist(), members.tokens,
+                                              self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
+                members.ref_logp = list(torch.split(ref, members.lengths.tolist()))
         with timer("update"):
             m |= self._update(prompts, members)
         with timer("sync"):
@@ -188,10 +200,15 @@ class Trainer:
                 sums["tokens"] += float(x.lengths.sum())
                 sums["entropy"] += stats["entropy"][rollout_tok].sum().item()
                 sums["rollout_tokens"] += rollout_tok.sum().item()
+                if x.ref_logp is not None:
+                    kl = kl_penalty(stats["logp"], torch.cat(x.ref_logp).to(stats["logp"].device), a.kl_estimator)
+                    sums["kl"] += kl[rollout_tok].sum().item()
             sums["grad_norm"] += self.learner.step(cfg.train.grad_clip)
         n = a.updates_per_step
         out = {"loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n, "clip_frac": sums["clipped"] / max(sums["tokens"], 1)}
         out["entropy"] = sums["entropy"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
+        if self.reference is not None:
+            out["kl"] = sums["kl"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
         return out
 
     # -- the run --------------------------------------------------------------------------

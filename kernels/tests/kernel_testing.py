@@ -36,6 +36,9 @@ CASES = {
     "fp16": (105, 29, 16, 131, torch.float16, {"dual_clip": 3.0}),
     "fp32-extreme-logits": (106, 33, 20, 173, torch.float32, {"logit_scale": 2500.0}),
     "bf16-extreme-logits": (107, 33, 20, 173, torch.bfloat16, {"logit_scale": 2500.0, "temperature": 0.5}),
+    "fp32-kl-k3": (108, 39, 24, 211, torch.float32, {"kl_coef": 0.1, "kl_estimator": "k3", "logprob_frac": 0.2}),
+    "fp64-kl-k2-dual": (109, 27, 16, 97, torch.float64, {"kl_coef": 0.5, "kl_estimator": "k2", "dual_clip": 3.0}),
+    "bf16-kl-k1": (110, 45, 32, 259, torch.bfloat16, {"kl_coef": 0.05, "kl_estimator": "k1"}),
 }
 
 
@@ -53,7 +56,8 @@ class Case:
     adv: torch.Tensor  # [N] float32
     w: torch.Tensor  # [N] float32, 0 on masked rows
     logprob_mask: torch.Tensor | None  # [N] bool
-    spec: LossSpec = field(default_factory=LossSpec)  # temperature, clip range, dual clip, entropy
+    spec: LossSpec = field(default_factory=LossSpec)  # temperature, clip range, dual clip, entropy, KL
+    ref_logp: torch.Tensor | None = None  # [N] float32, the KL penalty's reference (when spec.kl_coef > 0)
 
     def inputs(self, hidden=None, lm_weight=None):
         h = self.hidden if hidden is None else hidden
@@ -82,6 +86,8 @@ def make_case(
     logprob_frac: float = 0.0,
     argmax_frac: float = 0.3,
     with_entropy: bool = True,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
     margin: float = 0.02,
     device: str | torch.device = "cpu",
 ) -> Case:
@@ -107,9 +113,10 @@ def make_case(
         d = log_ratio - b
         log_ratio = torch.where(d.abs() < margin, b + margin * torch.where(d < 0, -1.0, 1.0), log_ratio)
     old_logp = logp - log_ratio
+    ref_logp = logp + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) if kl_coef else None  # a nearby policy
 
     spec = LossSpec(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                    with_entropy=with_entropy)  # fmt: skip
+                    with_entropy=with_entropy, kl_coef=kl_coef, kl_estimator=kl_estimator)  # fmt: skip
     dev = torch.device(device)
     return Case(
         hidden.to(dev),
@@ -120,6 +127,7 @@ def make_case(
         w.float().to(dev),
         logprob_mask.to(dev) if logprob_mask is not None else None,
         spec,
+        ref_logp.float().to(dev) if ref_logp is not None else None,
     )
 
 
@@ -127,8 +135,9 @@ def oracle(case: Case) -> dict:
     """Float64 reference: loss, logp, entropy, clipped, per-token loss, dh, dw, max |z|."""
     h = case.hidden.detach().double().requires_grad_()
     wt = case.lm_weight.detach().double().requires_grad_()
+    ref_logp = case.ref_logp.double() if case.ref_logp is not None else None
     loss, stats = fused_policy_loss_reference(h, wt, case.targets, case.old_logp, case.adv, case.w, case.spec,
-                                              case.logprob_mask)  # fmt: skip
+                                              case.logprob_mask, ref_logp)  # fmt: skip
     loss.backward()
     valid = case.targets != IGNORE_INDEX
     _, loss_t, _ = policy_loss_from_logp(
@@ -138,6 +147,7 @@ def oracle(case: Case) -> dict:
         case.w.double(),
         case.spec,
         case.logprob_mask,
+        ref_logp,
     )
     with torch.no_grad():
         zmax = (h @ wt.T / case.spec.temperature).abs().max().item()
@@ -191,7 +201,8 @@ def run_loss(fn, case: Case, **spec_changes) -> dict:
     with ``spec_changes`` (e.g. ``backend="torch"``); returns outputs and grads."""
     h = case.hidden.detach().clone().requires_grad_()
     wt = case.lm_weight.detach().clone().requires_grad_()
-    loss, stats = fn(*case.args(h, wt, **spec_changes))
+    kl = {"ref_logp": case.ref_logp} if case.ref_logp is not None else {}
+    loss, stats = fn(*case.args(h, wt, **spec_changes), **kl)
     loss.backward()
     return {"loss": loss.detach(), "dh": h.grad, "dw": wt.grad, **stats}
 

@@ -18,6 +18,7 @@ from visurf_kernels import (
     LossSpec,
     fused_logprobs,
     fused_policy_loss,
+    kl_penalty,
     resolve_backend,
 )
 from visurf_kernels.chunked import TorchTiles
@@ -147,3 +148,32 @@ def test_dispatch():
         resolve_backend("reference", case.hidden, tp_group=object())
     with pytest.raises(TypeError, match="share a dtype"):
         fused_policy_loss(case.hidden.double(), *case.inputs()[1:], LossSpec(backend="torch"))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators_value_and_gradient_float64(estimator):
+    """Each estimator of KL(pi || pi_ref) at the sampled token against its formula and its
+    analytic gradient in logp (float64: 1e-12), on fresh random log-probs."""
+    g = torch.Generator().manual_seed(700)
+    logp = (-torch.rand(257, generator=g, dtype=torch.float64) * 8).requires_grad_()
+    ref = logp.detach() + torch.randn(257, generator=g, dtype=torch.float64)
+    d = ref - logp.detach()
+    value = {"k1": -d, "k2": d.square() / 2, "k3": d.exp() - d - 1}[estimator]
+    grad = {"k1": torch.ones_like(d), "k2": -d, "k3": 1 - d.exp()}[estimator]
+    kl = kl_penalty(logp, ref, estimator)
+    torch.testing.assert_close(kl.detach(), value, rtol=1e-12, atol=1e-12)
+    (g_logp,) = torch.autograd.grad(kl.sum(), logp)
+    torch.testing.assert_close(g_logp, grad, rtol=1e-12, atol=1e-12)
+    if estimator == "k3":
+        assert (kl >= 0).all()
+
+
+def test_kl_coef_zero_is_bit_identical_and_kl_needs_a_reference():
+    case = make_case(701, 37, 16, 150, torch.float32, dual_clip=3.0, logprob_frac=0.2)
+    plain = run_loss(fused_policy_loss, case, backend="torch")
+    with_ref = fused_policy_loss(*case.args(backend="torch"), ref_logp=torch.randn(37))  # kl_coef 0: ignored
+    assert torch.equal(with_ref[0], plain["loss"])
+    with pytest.raises(ValueError, match="ref_logp"):
+        fused_policy_loss(*case.args(backend="torch", kl_coef=0.1))
+    with pytest.raises(ValueError, match="kl_estimator"):
+        LossSpec(kl_estimator="k4")

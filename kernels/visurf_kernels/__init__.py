@@ -36,7 +36,7 @@ import torch
 
 from . import function
 from .chunked import TorchTiles
-from .reference import fused_policy_loss_reference, logprobs_reference, policy_loss_from_logp
+from .reference import fused_policy_loss_reference, kl_penalty, logprobs_reference, policy_loss_from_logp
 from .spec import BACKENDS, IGNORE_INDEX, LossSpec
 
 
@@ -73,19 +73,21 @@ def fused_policy_loss(
     spec: LossSpec = LossSpec(),
     logprob_mask: torch.Tensor | None = None,
     *,
+    ref_logp: torch.Tensor | None = None,
     tp_group=None,
     vocab_start: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Scalar ``sum_t w_t * loss_t`` of the PPO-clip / log-prob objective; see ``reference``.
+    """Scalar ``sum_t w_t * loss_t`` of the PPO-clip / log-prob objective (plus the KL penalty
+    against ``ref_logp[N]`` when ``spec.kl_coef > 0``); see ``reference``.
 
     ``old_logp=None``: on-policy (``old_logp = logp`` detached, ``rho = 1``).
     """
     name = resolve_backend(spec.backend, hidden, tp_group)
     if name == "reference":
-        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask)
+        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask, ref_logp)
     return function.policy_loss(
         _engine(name, hidden.dtype), hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask,
-        tp_group=tp_group, vocab_start=vocab_start,
+        ref_logp=ref_logp, tp_group=tp_group, vocab_start=vocab_start,
     )  # fmt: skip
 
 
@@ -116,6 +118,7 @@ __all__ = [
     "fused_logprobs",
     "FusedPolicyLoss",
     "policy_loss_from_logp",
+    "kl_penalty",
     "resolve_backend",
     "IGNORE_INDEX",
     "BACKENDS",

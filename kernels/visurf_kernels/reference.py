@@ -17,7 +17,8 @@ Per token ``t`` (``z_t = hidden_t @ lm_weight^T / temperature``):
     obj_t   = min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t)
     obj_t   = max(obj_t, c * A_t)        if dual_clip = c is set and A_t < 0
     obj_t   = A_t * logp_t               if logprob_mask_t (SFT / ``gold_loss: logprob``)
-    loss    = -sum_t w_t * obj_t
+    loss_t  = -obj_t + beta * KL_t       (beta = kl_coef; KL against ref_logp, ``kl_penalty``)
+    loss    = sum_t w_t * loss_t
 
 Rows whose target equals ``ignore_index`` contribute nothing and report ``logp = 0``,
 ``entropy = 0`` and ``clipped = False``; rows with ``w_t = 0`` contribute nothing to the
@@ -30,6 +31,21 @@ from __future__ import annotations
 import torch
 
 from .spec import LossSpec
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` at the sampled token, ``d = ref_logp - logp``:
+
+        k1 = -d                 (unbiased, high variance; gradient 1)
+        k2 = d^2 / 2            (gradient -d)
+        k3 = exp(d) - d - 1     (unbiased, >= 0, low variance: verl's low_var_kl, TRL's; gradient 1 - exp(d))
+    """
+    d = ref_logp - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    return torch.expm1(d) - d
 
 
 def _surrogate(logp, old_logp, adv, spec: LossSpec):
@@ -54,17 +70,23 @@ def policy_loss_from_logp(
     w: torch.Tensor,
     spec: LossSpec,
     logprob_mask: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, per-token loss and clip flags given per-token log-probs ``logp[N]``.
 
     Shared by every backend: once ``logp`` is known the rest is elementwise (``spec``'s
-    clip range and dual clip). Returns ``(loss scalar, loss_t[N], clipped[N] bool)``.
+    clip range, dual clip and KL penalty, which needs ``ref_logp[N]`` when ``kl_coef > 0``).
+    Returns ``(loss scalar, loss_t[N], clipped[N] bool)``.
     """
     obj, clipped = _surrogate(logp, old_logp, adv, spec)
     if logprob_mask is not None:
         obj = torch.where(logprob_mask, adv * logp, obj)
         clipped = clipped & ~logprob_mask
     loss_t = -obj
+    if spec.kl_coef:
+        if ref_logp is None:
+            raise ValueError("LossSpec.kl_coef > 0 needs the reference policy's per-token log-probs (ref_logp)")
+        loss_t = loss_t + spec.kl_coef * kl_penalty(logp, ref_logp.to(logp.dtype), spec.kl_estimator)
     loss = torch.where(w != 0, w * loss_t, torch.zeros_like(loss_t)).sum()
     return loss, loss_t, clipped
 
@@ -100,6 +122,7 @@ def fused_policy_loss_reference(
     w: torch.Tensor,
     spec: LossSpec,
     logprob_mask: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss, stats)`` of the module docstring; autograd flows to ``hidden`` and ``lm_weight``.
 
@@ -110,7 +133,7 @@ def fused_policy_loss_reference(
     valid = targets != spec.ignore_index
     w = torch.where(valid, w.to(dtype), torch.zeros((), dtype=dtype, device=w.device))
     old = logp.detach() if old_logp is None else old_logp.to(dtype)
-    loss, _, clipped = policy_loss_from_logp(logp, old, adv.to(dtype), w, spec, logprob_mask)
+    loss, _, clipped = policy_loss_from_logp(logp, old, adv.to(dtype), w, spec, logprob_mask, ref_logp)
     stats = {"logp": logp.detach(), "clipped": clipped & valid}
     if entropy is not None:
         stats["entropy"] = entropy.detach()

@@ -12,7 +12,11 @@ Fields (math in ``reference``):
 - ``dual_clip``: ``c > 1`` bounds the objective of negative-advantage tokens below by ``c A``;
 - ``with_entropy``: also report the per-token entropy (no gradient);
 - ``ignore_index``: target value of rows that are not completion tokens;
-- ``backend``: ``auto`` | ``triton`` | ``torch`` | ``reference`` (see the package docstring).
+- ``backend``: ``auto`` | ``triton`` | ``torch`` | ``reference`` (see the package docstring);
+- ``kl_coef``, ``kl_estimator``: a KL penalty ``kl_coef * KL_t`` added to every token's loss,
+  against a reference policy's log-probs ``ref_logp`` (``reference.kl_penalty``: ``k1``,
+  ``k2``, ``k3`` = verl's ``low_var_kl`` = TRL's estimator); ``kl_coef = 0`` (default) adds
+  nothing and needs no ``ref_logp``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "triton", "torch", "reference")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 IGNORE_INDEX = -100
 
 
@@ -33,6 +38,8 @@ class LossSpec:
     with_entropy: bool = False
     ignore_index: int = IGNORE_INDEX
     backend: str = "auto"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -43,6 +50,9 @@ class LossSpec:
             raise ValueError(f"LossSpec.dual_clip must be > 1 (or None), got {self.dual_clip}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown loss backend {self.backend!r}; choose one of {BACKENDS}")
+        if self.kl_coef < 0 or self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"LossSpec: need kl_coef >= 0 and kl_estimator in {KL_ESTIMATORS}, got {self.kl_coef}, "
+                             f"{self.kl_estimator!r}")  # fmt: skip
 
     def replace(self, **changes) -> LossSpec:
         """A copy with ``changes`` applied (and validated)."""

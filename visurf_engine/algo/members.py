@@ -4,7 +4,9 @@
 tensors: ``prompt[M]`` (index into the step's prompts), ``adv[M]``, ``gold[M]``,
 ``logprob_loss[M]`` (``-A log pi`` instead of the PPO surrogate), with the completion token
 ids ``tokens[m]`` (lists: what the collator concatenates behind each prompt) and, when the
-step needs them, the pre-update log-probs ``old_logp[m]`` (``[L_m]`` float32 each).
+step needs them, per-token log-probs ``[L_m]`` float32 of each member: the pre-update
+policy's ``old_logp[m]`` (off-policy updates) and the reference policy's ``ref_logp[m]``
+(the KL penalty).
 
 Aggregation enters the kernel as a per-token weight ``w_t`` that is constant within a
 sequence s of length L_s, over the S sequences / T tokens of the global (all-ranks)
@@ -36,6 +38,7 @@ class Members:
     gold: torch.Tensor  # [M] bool
     logprob_loss: torch.Tensor  # [M] bool
     old_logp: list[torch.Tensor] | None = None  # [M][L_m]; None: on-policy
+    ref_logp: list[torch.Tensor] | None = None  # [M][L_m]; None: no KL penalty
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -48,8 +51,12 @@ class Members:
     def select(self, idx: Sequence[int]) -> Members:
         """The members ``idx``, in that order."""
         i = torch.as_tensor(idx, dtype=torch.long)
-        old = [self.old_logp[j] for j in idx] if self.old_logp is not None else None
-        return Members(self.prompt[i], [self.tokens[j] for j in idx], self.adv[i], self.gold[i], self.logprob_loss[i], old)
+
+        def pick(xs):
+            return [xs[j] for j in idx] if xs is not None else None
+
+        return Members(self.prompt[i], pick(self.tokens), self.adv[i], self.gold[i], self.logprob_loss[i],
+                       pick(self.old_logp), pick(self.ref_logp))  # fmt: skip
 
 
 def build_members(
