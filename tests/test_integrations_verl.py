@@ -238,3 +238,38 @@ def test_gold_injection_groups_of_g_plus_one():
     adv = compute_advantage(out, "visurf", config=AlgoConfig()).batch["advantages"][:, 0].view(-1, N)
     a_rollout, a_gold = visurf_advantages(GroupRewards(len(rows), scores[:, :-1], r_star, smoothed), norm_by_std=True, eps=1e-6)
     torch.testing.assert_close(adv, torch.cat([a_rollout, a_gold[:, None]], 1), rtol=1e-5, atol=1e-6)
+
+
+# -- the fused-kernel forward backend ---------------------------------------------------------
+
+
+def test_visurf_forward_backend_equals_verls_torch_backend():
+    """``impl_backend=visurf`` through verl's ``patch_forward_with_backends`` (what
+    ``apply_monkey_patch`` ends with; the whole of it cannot run beside TRL 1.16, see
+    docs/embedding.md) vs verl's own ``torch`` fused backend on a tiny Qwen2ForCausalLM:
+    per-token log-probs, entropy, and the parameter gradients of a log-prob-weighted sum."""
+    from verl.models.transformers import monkey_patch
+
+    model, _ = tiny_text_lm(shapes_rows(2))
+    cls, original = type(model), type(model).forward
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(12).expand(2, 12),
+                  temperature=0.7, return_dict=True)  # fmt: skip
+    c = torch.randn(2, 12, generator=g)
+    results = {}
+    try:
+        for backend in ("torch", "visurf"):
+            monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=backend)
+            model.zero_grad()
+            out = model(**inputs)
+            (out.log_probs * c).sum().backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results[backend] = (out.log_probs.detach(), out.entropy.detach(), grads)
+        assert cls.forward is vi.visurf_forward
+    finally:
+        cls.forward = original
+    (lp_t, ent_t, g_t), (lp_v, ent_v, g_v) = results["torch"], results["visurf"]
+    torch.testing.assert_close(lp_v, lp_t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent_v, ent_t, rtol=0, atol=1e-5)
+    assert (g_v - g_t).norm() <= 1e-5 * g_t.norm()

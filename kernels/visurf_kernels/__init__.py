@@ -9,7 +9,9 @@ the loss options held once (``spec``):
   holds ``logp[N]`` (float32), ``clipped[N]`` (bool) and, with ``with_entropy``,
   ``entropy[N]`` (float32, no gradient).
 - ``fused_logprobs(hidden, lm_weight, targets, spec, *, tp_group=None, vocab_start=0)
-  -> (logp[N] float32, entropy | None)``, no grad (the old-log-prob pass).
+  -> (logp[N] float32, entropy | None)``, no grad (the old-log-prob pass);
+  ``fused_logprobs_grad`` (same arguments): ``logp`` with a gradient, for stacks whose loss
+  takes log-probs.
 - ``FusedPolicyLoss(spec)``: ``nn.Module`` wrapper holding the spec, for other stacks (TRL, verl).
 - ``policy_loss_from_logp(logp, old_logp, adv, w, spec, logprob_mask=None)``: the elementwise
   objective on given log-probs (what every backend and other stacks' loss hooks share).
@@ -108,12 +110,34 @@ def fused_logprobs(
     return logp.float(), (ent.float() if ent is not None else None)
 
 
+def fused_logprobs_grad(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    spec: LossSpec = LossSpec(),
+    *,
+    tp_group=None,
+    vocab_start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token ``logp[N]`` (float32) with a gradient to ``hidden`` and ``lm_weight``, and with
+    ``spec.with_entropy`` the entropy ``[N]`` (no gradient): the LM head for stacks whose loss
+    takes log-probs (verl's fused forward). The backward recomputes the softmax statistics, so
+    ``[N, V]`` never exists; prefer ``fused_policy_loss`` where the loss's inputs are at hand."""
+    name = resolve_backend(spec.backend, hidden, tp_group)
+    if name != "reference":
+        return function.logprobs_grad(_engine(name, hidden.dtype), hidden, lm_weight, targets, spec,
+                                      tp_group=tp_group, vocab_start=vocab_start)  # fmt: skip
+    logp, ent = logprobs_reference(hidden, lm_weight, targets, spec)
+    return logp.float(), (ent.detach().float() if ent is not None else None)
+
+
 from .module import FusedPolicyLoss  # noqa: E402  (uses fused_policy_loss)
 
 __all__ = [
     "LossSpec",
     "fused_policy_loss",
     "fused_logprobs",
+    "fused_logprobs_grad",
     "FusedPolicyLoss",
     "policy_loss_from_logp",
     "resolve_backend",

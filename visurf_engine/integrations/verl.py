@@ -19,6 +19,14 @@ Importing this module registers, in verl's own registries (every verl process mu
   group_advantages`` over each ``uid`` group, gold included (G + 1 members; ``norm_adv_by_std_in_grpo``
   false: Dr.GRPO). verl passes an estimator only rewards, mask, ``uid`` and config, so it
   cannot tell the gold from the rollouts: the reward controls happen before it (below).
+- fused-kernel backend ``visurf`` (``actor_rollout_ref.model.use_fused_kernels=True``,
+  ``fused_kernel_options.impl_backend=visurf``): ``visurf_forward`` replaces the model's forward
+  as verl's own ``torch`` / ``triton`` backends do, returning per-token ``log_probs`` (with a
+  gradient) and ``entropy`` through ``visurf_kernels.fused_logprobs_grad``, no ``[B, T, V]``
+  logits. verl hands its forward only the model inputs (the advantages reach ``ppo_loss``
+  after it returns), so the loss itself cannot run inside the kernel (our
+  ``fused_policy_loss``) without patching verl's engine (``FSDPEngine.forward_step``): this
+  backend is the log-prob kernel, and the surrogate runs on its output.
 - agent loop ``visurf_gold``: verl's single-turn agent loop whose "generation" returns the gold
   text's tokens (``extra_info["visurf_gold_text"]``), so the gold trajectory goes through verl's
   own prompt rendering, multimodal processing, padding, position ids and reward loop.
@@ -50,7 +58,10 @@ from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 from verl.workers.rollout.replica import TokenOutput
 
-from visurf_kernels import LossSpec, policy_loss_from_logp
+from verl.models.transformers import monkey_patch
+from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+
+from visurf_kernels import LossSpec, fused_logprobs_grad, policy_loss_from_logp
 
 from ..algo.advantages import group_advantages
 from ..algo.gold import control_gold_rewards, make_gold
@@ -126,6 +137,53 @@ def visurf_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Ten
         adv[rows] = a[0].to(adv.dtype)
     adv = adv[:, None] * response_mask
     return adv, adv
+
+
+# -- the fused-kernel forward ------------------------------------------------------------------
+
+
+def visurf_forward(self, input_ids=None, labels=None, temperature: float = 1.0, shift_labels=None, **kwargs):
+    """verl's fused forward contract: the backbone (verl's own backbone call for Qwen2-VL /
+    Qwen2.5-VL, else its dense one), then for every position ``t`` the log-prob (and entropy)
+    of token ``t + 1`` (``shift_labels`` when verl pre-rolled them, else the rolled ``labels`` /
+    ``input_ids``) at ``temperature``, shaped like the ids."""
+    if self.config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        from verl.models.transformers.qwen2_vl import qwen2_vl_forward
+
+        outputs = qwen2_vl_forward(self, input_ids, **kwargs)
+    else:
+        outputs = forward_base_model(self, input_ids=input_ids, **kwargs)
+    hidden = outputs[0]
+    if shift_labels is not None:
+        rolled = shift_labels
+    else:
+        rolled = torch.roll(labels if labels is not None else input_ids, shifts=-1, dims=-1)
+    weight = self.lm_head.weight
+    logp, entropy = fused_logprobs_grad(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, rolled.reshape(-1),
+                                        LossSpec(temperature=float(temperature), with_entropy=True))  # fmt: skip
+    return CausalLMOutputForPPO(log_probs=logp.view(rolled.shape), entropy=entropy.view(rolled.shape),
+                                hidden_states=outputs.hidden_states)  # fmt: skip
+
+
+def install_forward_backend() -> None:
+    """Teach verl's ``patch_forward_with_backends`` the ``visurf`` backend (idempotent; the
+    other backends are verl's, unchanged). verl looks the function up at call time, so
+    replacing the module attribute reaches ``apply_monkey_patch``."""
+    original = monkey_patch.patch_forward_with_backends
+    if getattr(original, "visurf", False):
+        return
+
+    def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str | None = None):
+        if not (use_fused_kernels and fused_kernels_backend == "visurf"):
+            return original(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
+        model._verl_fused_kernels_backend = "visurf"
+        model.__class__.forward = visurf_forward
+
+    patch_forward_with_backends.visurf = True
+    monkey_patch.patch_forward_with_backends = patch_forward_with_backends
+
+
+install_forward_backend()
 
 
 # -- the reward function ----------------------------------------------------------------------
