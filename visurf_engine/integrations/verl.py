@@ -255,6 +255,10 @@ class ViSurfRolloutManager:
         gold = self.inner.generate_sequences(self._gold_prompts(prompts, gold_rows, rollouts))
         if self.smooth:
             self._smooth(rollouts, gold)
+        missing = set(rollouts.batch.keys()) ^ set(gold.batch.keys())
+        if missing:
+            raise ValueError(f"ViSurfRolloutManager: the gold rows lack {sorted(missing)} (e.g. rollout_log_probs: "
+                             "the gold has no behaviour log-probs; turn off rollout.calculate_log_probs)")  # fmt: skip
         timing = _pop_timing(rollouts, gold)
         merged = DataProto.concat([rollouts, gold])
         merged.reorder(torch.tensor(np.argsort(rollout_rows + gold_rows, kind="stable")))
