@@ -281,9 +281,10 @@ class ViSurfGRPOTrainer(GRPOTrainer):
         def loglik(groups: list[int], candidates: list[str]) -> list[float]:
             return self._loglik([gold_rows[b] for b in groups], candidates, prompt_ids, fields, num_images)
 
-        gold = make_gold(spec, solutions, [f"trl:{r}" for r in gold_rows], [texts[b * g : (b + 1) * g] for b in range(len(gold_rows))],
-                         None, align=o.align, align_style=o.align_style, eliminate=o.eliminate, smooth=o.smooth,
-                         scored=False, loglik=loglik)  # fmt: skip
+        groups = [texts[b * g : (b + 1) * g] for b in range(len(gold_rows))]
+        gold = make_gold(spec, solutions, [f"trl:{r}" for r in gold_rows], groups, None, align=o.align,
+                         align_style=o.align_style, eliminate=o.eliminate, smooth=o.smooth, scored=False,
+                         loglik=loglik)  # fmt: skip
         self._log("visurf/aligned_share", sum(s != spec.dataset_style for s in gold.styles) / len(gold.styles))
         return [self._encode_completion(t) for t in gold.texts]
 
@@ -395,8 +396,8 @@ class ViSurfGRPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         unwrapped = self.accelerator.unwrap_model(model)
         loss, stats = self._forward_redirection(model, unwrapped, self._fused_loss, unwrapped, inputs)
-        totals = torch.stack([stats["entropy"].sum(), stats["clipped"].float().sum(), torch.tensor(float(stats["logp"].numel()))
-                              .to(stats["entropy"].device)])  # fmt: skip
+        n = torch.tensor(float(stats["logp"].numel()), device=stats["logp"].device)
+        totals = torch.stack([stats["entropy"].sum(), stats["clipped"].float().sum(), n])
         ent, clipped, n = self.accelerator.reduce(totals, reduction="sum").tolist()
         self._log("entropy", ent / max(n, 1.0))
         self._log("clip_ratio/region_mean", clipped / max(n, 1.0))
