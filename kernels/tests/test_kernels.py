@@ -17,11 +17,14 @@ from visurf_kernels import (
     FusedPolicyLoss,
     LossSpec,
     fused_logprobs,
+    fused_logprobs_grad,
     fused_policy_loss,
     kl_penalty,
     resolve_backend,
 )
 from visurf_kernels.chunked import TorchTiles
+
+from visurf_kernels.reference import logprobs_reference
 
 from kernel_testing import CASES, compare, engine_loss, make_case, oracle, run_loss
 
@@ -124,6 +127,34 @@ def test_gradients_only_where_required():
         loss, _ = engine_loss(StatsOnly())(*case.args(lm_weight=leaf))
     assert not loss.requires_grad
     torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tiled", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_logprobs_grad_matches_oracle(backend, dtype):
+    """``fused_logprobs_grad``: logp, entropy and the gradients of ``sum_t c_t logp_t`` (c_t
+    random, some 0, some targets ignored) against float64 autograd through the logits."""
+    case = make_case(601, 45, 24, 150, dtype, temperature=0.8)
+    c = torch.randn(45, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * (case.w != 0)
+    h_ref = case.hidden.detach().double().requires_grad_()
+    w_ref = case.lm_weight.detach().double().requires_grad_()
+    spec = case.spec.replace(backend="torch" if backend == "tiled" else backend)
+    logp_ref, ent_ref = logprobs_reference(h_ref, w_ref, case.targets, spec)
+    (logp_ref * c).sum().backward()
+    h = case.hidden.clone().requires_grad_()
+    wt = case.lm_weight.clone().requires_grad_()
+    if backend == "tiled":
+        from visurf_kernels import function
+
+        logp, ent = function.logprobs_grad(ENGINES["tiled"], h, wt, case.targets, spec)
+    else:
+        logp, ent = fused_logprobs_grad(h, wt, case.targets, spec)
+    assert logp.dtype == torch.float32 and not ent.requires_grad
+    (logp * c.to(logp.dtype)).sum().backward()
+    torch.testing.assert_close(logp.double(), logp_ref.detach(), rtol=0, atol=1e-5)  # logp is float32
+    torch.testing.assert_close(ent.double(), ent_ref.detach(), rtol=0, atol=1e-5)
+    for got, ref in ((h.grad, h_ref.grad), (wt.grad, w_ref.grad)):
+        assert got.dtype == dtype and (got.double() - ref).norm() <= 1e-5 * ref.norm()
 
 
 def test_module_wrapper():

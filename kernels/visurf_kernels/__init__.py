@@ -9,7 +9,9 @@ the loss options held once (``spec``):
   holds ``logp[N]`` (float32), ``clipped[N]`` (bool) and, with ``with_entropy``,
   ``entropy[N]`` (float32, no gradient).
 - ``fused_logprobs(hidden, lm_weight, targets, spec, *, tp_group=None, vocab_start=0)
-  -> (logp[N] float32, entropy | None)``, no grad (the old-log-prob pass).
+  -> (logp[N] float32, entropy | None)``, no grad (the old-log-prob pass);
+  ``fused_logprobs_grad`` (same arguments): ``logp`` with a gradient, for stacks whose loss
+  takes log-probs.
 - ``FusedPolicyLoss(spec)``: ``nn.Module`` wrapper holding the spec, for other stacks (TRL, verl).
 - ``policy_loss_from_logp(logp, old_logp, adv, w, spec, logprob_mask=None)``: the elementwise
   objective on given log-probs (what every backend and other stacks' loss hooks share).
@@ -91,6 +93,16 @@ def fused_policy_loss(
     )  # fmt: skip
 
 
+def _logprobs(run, hidden, lm_weight, targets, spec: LossSpec, tp_group, vocab_start):
+    """Dispatch of the two log-prob entry points: ``run`` (``function.logprobs`` or
+    ``function.logprobs_grad``) on the backend's tile engine, or the reference."""
+    name = resolve_backend(spec.backend, hidden, tp_group)
+    if name != "reference":
+        return run(_engine(name, hidden.dtype), hidden, lm_weight, targets, spec, tp_group=tp_group, vocab_start=vocab_start)
+    logp, ent = logprobs_reference(hidden, lm_weight, targets, spec)
+    return logp.float(), (ent.detach().float() if ent is not None else None)
+
+
 @torch.no_grad()
 def fused_logprobs(
     hidden: torch.Tensor,
@@ -102,12 +114,23 @@ def fused_logprobs(
     vocab_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """No-grad per-token ``logp[N]`` (float32) and, with ``spec.with_entropy``, entropy ``[N]``."""
-    name = resolve_backend(spec.backend, hidden, tp_group)
-    if name != "reference":
-        return function.logprobs(_engine(name, hidden.dtype), hidden, lm_weight, targets, spec,
-                                 tp_group=tp_group, vocab_start=vocab_start)  # fmt: skip
-    logp, ent = logprobs_reference(hidden, lm_weight, targets, spec)
-    return logp.float(), (ent.float() if ent is not None else None)
+    return _logprobs(function.logprobs, hidden, lm_weight, targets, spec, tp_group, vocab_start)
+
+
+def fused_logprobs_grad(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    spec: LossSpec = LossSpec(),
+    *,
+    tp_group=None,
+    vocab_start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token ``logp[N]`` (float32) with a gradient to ``hidden`` and ``lm_weight``, and with
+    ``spec.with_entropy`` the entropy ``[N]`` (no gradient): the LM head for stacks whose loss
+    takes log-probs (verl's fused forward). The backward recomputes the softmax statistics, so
+    ``[N, V]`` never exists; prefer ``fused_policy_loss`` where the loss's inputs are at hand."""
+    return _logprobs(function.logprobs_grad, hidden, lm_weight, targets, spec, tp_group, vocab_start)
 
 
 from .module import FusedPolicyLoss  # noqa: E402  (uses fused_policy_loss)
@@ -116,6 +139,7 @@ __all__ = [
     "LossSpec",
     "fused_policy_loss",
     "fused_logprobs",
+    "fused_logprobs_grad",
     "FusedPolicyLoss",
     "policy_loss_from_logp",
     "kl_penalty",

@@ -115,6 +115,18 @@ def _check_inputs(hidden, weight, targets):
         raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
 
 
+def _grad_buffers(hidden, weight, n_rows: int, chunk: int, need_dh: bool, need_dw: bool):
+    """``d hidden`` (zeros: rows outside the gradient rows stay 0) and ``d lm_weight`` (written
+    by the first chunk, then accumulated: in the weight's dtype when one chunk covers all
+    ``n_rows``, else in fp32), each None when not needed."""
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = None
+    if need_dw:
+        acc_dtype = weight.dtype if n_rows <= chunk else torch.promote_types(weight.dtype, torch.float32)
+        dw = (torch.empty_like if n_rows else torch.zeros_like)(weight, dtype=acc_dtype)
+    return dh, dw
+
+
 def policy_loss_forward(
     engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, ref_logp, spec: LossSpec, shard: Shard,
     need_dh: bool, need_dw: bool,
@@ -141,11 +153,7 @@ def policy_loss_forward(
     grad_rows = valid & (w != 0) if (need_dh or need_dw) else torch.zeros_like(valid)
     rows = grad_rows.nonzero().squeeze(1)
     chunk = p.chunk_rows(rows.numel())
-    dh = torch.zeros_like(hidden) if need_dh else None
-    dw = None
-    if need_dw:
-        acc_dtype = weight.dtype if rows.numel() <= chunk else torch.promote_types(weight.dtype, torch.float32)
-        dw = (torch.empty_like if rows.numel() else torch.zeros_like)(weight, dtype=acc_dtype)
+    dh, dw = _grad_buffers(hidden, weight, rows.numel(), chunk, need_dh, need_dw)
     p.run(rows, chunk, dlogp, dh, dw)
     stat_rows = (valid & ~grad_rows).nonzero().squeeze(1)
     p.run(stat_rows, p.chunk_rows(stat_rows.numel()))
@@ -176,6 +184,44 @@ def logprobs(engine, hidden, weight, targets, spec: LossSpec, *, tp_group=None, 
     rows = (targets != spec.ignore_index).nonzero().squeeze(1)
     p.run(rows, p.chunk_rows(rows.numel()))
     return p.logp.float(), (p.entropy.float() if p.entropy is not None else None)
+
+
+def logprobs_grad(engine, hidden, weight, targets, spec: LossSpec, *, tp_group=None, vocab_start: int = 0):
+    """``fused_logprobs_grad`` on a given tile engine."""
+    logp, entropy = LogProbFunction.apply(hidden, weight, targets, engine, spec, Shard(tp_group, vocab_start))
+    return logp, (entropy if spec.with_entropy else None)
+
+
+class LogProbFunction(torch.autograd.Function):
+    """``apply(hidden, lm_weight, targets, engine, spec, shard)`` -> ``(logp, entropy)``: the
+    log-probs with a gradient, for losses built on them; entropy (empty unless requested) has none.
+
+    ``forward`` is the statistics pass of ``logprobs``; ``backward`` runs the gradient pass of
+    the loss with ``g_t = dL/dlogp_t`` the upstream gradient (rows with ``g_t = 0`` skipped):
+    the softmax statistics once more and the two gradient GEMMs.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, engine, spec, shard):
+        logp, entropy = logprobs(engine, hidden, weight, targets, spec, tp_group=shard.tp_group,
+                                 vocab_start=shard.vocab_start)  # fmt: skip
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.engine, ctx.spec, ctx.shard = engine, spec, shard
+        entropy = entropy if entropy is not None else logp.new_empty(0)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, _g_entropy):
+        hidden, weight, targets = ctx.saved_tensors
+        p = _Pass(ctx.engine, hidden, weight, targets, ctx.spec, ctx.shard)
+        if g_logp is None:
+            g_logp = torch.zeros_like(p.logp)
+        rows = ((targets != ctx.spec.ignore_index) & (g_logp != 0)).nonzero().squeeze(1)
+        chunk = p.chunk_rows(rows.numel())
+        dh, dw = _grad_buffers(hidden, weight, rows.numel(), chunk, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        p.run(rows, chunk, lambda idx, logp: g_logp.index_select(0, idx).to(logp.dtype), dh, dw)
+        return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None
 
 
 class PolicyLossFunction(torch.autograd.Function):
