@@ -4,15 +4,16 @@ Public API (``docs/design.md`` §2 of visurf-engine); every entry point takes a 
 the loss options held once (``spec``):
 
 - ``fused_policy_loss(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask=None,
-  *, tp_group=None, vocab_start=0) -> (loss, stats)``:
+  *, rollout_logp=None, tp_group=None, vocab_start=0) -> (loss, stats)``:
   scalar ``sum_t w_t * loss_t``; gradients flow to ``hidden`` and ``lm_weight``; ``stats``
   holds ``logp[N]`` (float32), ``clipped[N]`` (bool) and, with ``with_entropy``,
   ``entropy[N]`` (float32, no gradient).
 - ``fused_logprobs(hidden, lm_weight, targets, spec, *, tp_group=None, vocab_start=0)
   -> (logp[N] float32, entropy | None)``, no grad (the old-log-prob pass).
 - ``FusedPolicyLoss(spec)``: ``nn.Module`` wrapper holding the spec, for other stacks (TRL, verl).
-- ``policy_loss_from_logp(logp, old_logp, adv, w, spec, logprob_mask=None)``: the elementwise
-  objective on given log-probs (what every backend and other stacks' loss hooks share).
+- ``policy_loss_from_logp(logp, old_logp, adv, w, spec, logprob_mask=None, rollout_logp=None)``:
+  the elementwise objective on given log-probs (what every backend and other stacks' loss
+  hooks share); ``truncated_is_ratio``: its TIS weight (``spec.tis_cap``) on its own.
 
 Backends: ``triton`` (GPU kernels, ``triton_policy_loss``), ``torch`` (chunked torch ops,
 ``chunked``; the CPU path), ``reference`` (eager, materialised logits: the test oracle, no
@@ -36,7 +37,7 @@ import torch
 
 from . import function
 from .chunked import TorchTiles
-from .reference import fused_policy_loss_reference, logprobs_reference, policy_loss_from_logp
+from .reference import fused_policy_loss_reference, logprobs_reference, policy_loss_from_logp, truncated_is_ratio
 from .spec import BACKENDS, IGNORE_INDEX, LossSpec
 
 
@@ -73,19 +74,22 @@ def fused_policy_loss(
     spec: LossSpec = LossSpec(),
     logprob_mask: torch.Tensor | None = None,
     *,
+    rollout_logp: torch.Tensor | None = None,
     tp_group=None,
     vocab_start: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar ``sum_t w_t * loss_t`` of the PPO-clip / log-prob objective; see ``reference``.
 
-    ``old_logp=None``: on-policy (``old_logp = logp`` detached, ``rho = 1``).
+    ``old_logp=None``: on-policy (``old_logp = logp`` detached, ``rho = 1``). ``rollout_logp``
+    (NaN: not sampled by the engine) enters only with ``spec.tis_cap`` (truncated IS weights).
     """
     name = resolve_backend(spec.backend, hidden, tp_group)
     if name == "reference":
-        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask)
+        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask,
+                                           rollout_logp)  # fmt: skip
     return function.policy_loss(
         _engine(name, hidden.dtype), hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask,
-        tp_group=tp_group, vocab_start=vocab_start,
+        rollout_logp=rollout_logp, tp_group=tp_group, vocab_start=vocab_start,
     )  # fmt: skip
 
 
@@ -116,6 +120,7 @@ __all__ = [
     "fused_logprobs",
     "FusedPolicyLoss",
     "policy_loss_from_logp",
+    "truncated_is_ratio",
     "resolve_backend",
     "IGNORE_INDEX",
     "BACKENDS",

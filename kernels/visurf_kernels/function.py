@@ -3,7 +3,8 @@ gradients during the forward pass.
 
 Shapes: ``hidden[N, H]``, ``lm_weight[V_local, H]`` (rows ``vocab_start ..`` of the full
 vocabulary), per-token ``targets[N]``, ``old_logp[N]`` (or None: on-policy, ``rho = 1``),
-``adv[N]``, ``w[N]``, optional bool ``logprob_mask[N]``. Math: ``reference.py``;
+``adv[N]``, ``w[N]``, optional bool ``logprob_mask[N]`` and ``rollout_logp[N]`` (the TIS
+weight, ``spec.tis_cap``, is part of ``policy_loss_from_logp``). Math: ``reference.py``;
 ``y = hidden @ lm_weight^T``, ``z = y / T``.
 
 Because the loss ``L = sum_t w_t loss_t`` is a scalar, its gradients are produced in the
@@ -115,7 +116,7 @@ def _check_inputs(hidden, weight, targets):
 
 
 def policy_loss_forward(
-    engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, spec: LossSpec, shard: Shard,
+    engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, rollout_logp, spec: LossSpec, shard: Shard,
     need_dh: bool, need_dw: bool,
 ):  # fmt: skip
     """Loss, per-token stats, and (as requested) ``d hidden``, ``d lm_weight`` of the loss."""
@@ -124,6 +125,7 @@ def policy_loss_forward(
     cd = p.logp.dtype
     valid = targets != spec.ignore_index
     old_logp = old_logp.to(cd) if old_logp is not None else None
+    rollout_logp = rollout_logp.to(cd) if rollout_logp is not None else None
     adv = adv.to(cd)
     w = torch.where(valid, w.to(cd), 0.0)
 
@@ -132,7 +134,8 @@ def policy_loss_forward(
             lp = logp.to(cd).detach().requires_grad_()
             old = old_logp[idx] if old_logp is not None else lp.detach()
             mask = logprob_mask.index_select(0, idx) if logprob_mask is not None else None
-            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], spec, mask)
+            rollout = rollout_logp[idx] if rollout_logp is not None else None
+            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], spec, mask, rollout)
             (g,) = torch.autograd.grad(loss, lp)
         return g.to(logp.dtype)
 
@@ -149,16 +152,16 @@ def policy_loss_forward(
     p.run(stat_rows, p.chunk_rows(stat_rows.numel()))
 
     old = old_logp if old_logp is not None else p.logp
-    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, spec, logprob_mask)
+    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, spec, logprob_mask, rollout_logp)
     return loss, p.logp, clipped & valid, p.entropy, dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
 def policy_loss(engine, hidden, weight, targets, old_logp, adv, w, spec: LossSpec, logprob_mask=None, *,
-                tp_group=None, vocab_start: int = 0):  # fmt: skip
+                rollout_logp=None, tp_group=None, vocab_start: int = 0):  # fmt: skip
     """``fused_policy_loss`` on a given tile engine."""
     loss, logp, clipped, entropy = PolicyLossFunction.apply(
-        hidden, weight, targets, old_logp, adv, w, logprob_mask, engine, spec, Shard(tp_group, vocab_start),
-        torch.is_grad_enabled(),
+        hidden, weight, targets, old_logp, adv, w, logprob_mask, rollout_logp, engine, spec,
+        Shard(tp_group, vocab_start), torch.is_grad_enabled(),
     )
     stats = {"logp": logp, "clipped": clipped}
     if spec.with_entropy:
@@ -177,8 +180,8 @@ def logprobs(engine, hidden, weight, targets, spec: LossSpec, *, tp_group=None, 
 
 
 class PolicyLossFunction(torch.autograd.Function):
-    """``apply(hidden, lm_weight, targets, old_logp, adv, w, logprob_mask, engine, spec, shard,
-    grad_enabled)`` -> ``(loss, logp, clipped, entropy)``; entropy is empty unless requested.
+    """``apply(hidden, lm_weight, targets, old_logp, adv, w, logprob_mask, rollout_logp, engine, spec,
+    shard, grad_enabled)`` -> ``(loss, logp, clipped, entropy)``; entropy is empty unless requested.
 
     Gradients (to ``hidden`` and ``lm_weight`` only) are computed in ``forward`` -- only for
     inputs that require them and only when ``grad_enabled`` (``torch.is_grad_enabled()`` of
@@ -187,11 +190,12 @@ class PolicyLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old_logp, adv, w, logprob_mask, engine, spec, shard, grad_enabled):
+    def forward(ctx, hidden, weight, targets, old_logp, adv, w, logprob_mask, rollout_logp, engine, spec, shard,
+                grad_enabled):  # fmt: skip
         need_dh = grad_enabled and ctx.needs_input_grad[0]
         need_dw = grad_enabled and ctx.needs_input_grad[1]
         loss, logp, clipped, entropy, dh, dw = policy_loss_forward(
-            engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, spec, shard, need_dh, need_dw
+            engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, rollout_logp, spec, shard, need_dh, need_dw
         )
         ctx.grads = (dh, dw)
         logp = logp.float()
@@ -207,4 +211,4 @@ class PolicyLossFunction(torch.autograd.Function):
         ctx.grads = None
         dh = dh.mul_(grad_loss.to(dh.dtype)) if dh is not None else None
         dw = dw.mul_(grad_loss.to(dw.dtype)) if dw is not None else None
-        return dh, dw, None, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None, None
