@@ -40,19 +40,25 @@ class MicroBatch:
     adv: torch.Tensor  # float32
     w: torch.Tensor  # float32: the aggregation weight (``algo.members.sequence_weights``)
     logprob_mask: torch.Tensor  # bool: tokens with the ``-A log pi`` loss
+    rollout_logp: torch.Tensor | None = None  # the engine's sampling log-probs (NaN: the gold); None: none
 
 
 def make_micro_batch(policy: Policy, prompts: Prompts, members: Members, weights: torch.Tensor) -> MicroBatch:
     """Collate ``members`` (per-sequence ``weights[S]``) and broadcast their advantage, weight
-    and loss kind to their tokens; their ``old_logp`` (if any) is concatenated."""
+    and loss kind to their tokens; their ``old_logp`` and ``rollout_logp`` (if any) are concatenated."""
     batch = policy.collate(prompts, members.prompt.tolist(), members.tokens)
     dev = batch.targets.device
+
+    def cat(values):
+        return torch.cat(values).to(dev) if values is not None else None
+
     return MicroBatch(
         batch=batch,
-        old_logp=torch.cat(members.old_logp).to(dev) if members.old_logp is not None else None,
+        old_logp=cat(members.old_logp),
         adv=per_token(members.adv, batch.lengths).to(dev),
         w=per_token(weights, batch.lengths).to(dev),
         logprob_mask=per_token(members.logprob_loss, batch.lengths).to(dev),
+        rollout_logp=cat(members.rollout_logp),
     )
 
 

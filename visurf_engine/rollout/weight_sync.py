@@ -58,18 +58,24 @@ def checkpoint_name(name: str) -> str:
     return name
 
 
-def module_specs(model: torch.nn.Module) -> tuple[dict[str, TensorSpec], dict[str, str]]:
-    """``(specs, aliases)`` of a trainer module: every parameter once, and each tied alias -> its source name."""
+def named_specs(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """``(specs, aliases)`` of named trainer tensors: every tensor once, and each tied alias (a later
+    name of the same tensor object) -> its source name."""
     specs: dict[str, TensorSpec] = {}
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
+    for name, t in named:
+        if id(t) in first:
+            aliases[name] = first[id(t)]
             continue
-        first[id(p)] = name
-        specs[name] = TensorSpec(tuple(p.shape), p.dtype)
+        first[id(t)] = name
+        specs[name] = TensorSpec(tuple(t.shape), t.dtype)
     return specs, aliases
+
+
+def module_specs(model: torch.nn.Module) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """``named_specs`` of a module's parameters, tied ones included."""
+    return named_specs(model.named_parameters(remove_duplicate=False))
 
 
 def checkpoint_specs(model_dir: str | Path) -> dict[str, TensorSpec]:
