@@ -3,8 +3,9 @@
 Runs only where vLLM is installed (CPU: ``bash scripts/setup_vllm_cpu.sh VENV_DIR``; with
 ``VISURF_REQUIRE_VLLM=1`` a missing vLLM fails the module instead of skipping it). The
 reference log-probs come from a plain HF forward through the engine's own ``Policy``
-(``completion_hidden`` @ LM head), with the vision placeholder tokens masked as vLLM's logit
-bias masks them, at the sampling temperature.
+(``engine_testing.tiny_vllm.hf_logprobs``), with the vision placeholder tokens masked as vLLM's
+logit bias masks them, at the sampling temperature. The GPU-only assertions (CUDA graphs, sleep
+mode) are in ``test_rollout_vllm_cuda.py``.
 """
 
 from __future__ import annotations
@@ -18,44 +19,23 @@ from engine_testing import require_vllm
 
 require_vllm()
 
+from engine_testing.tiny_vllm import build_checkpoint, hf_logprobs  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from visurf_engine.config import RolloutConfig, VLLMConfig  # noqa: E402
 from visurf_engine.tasks.shapes import generator as shapes  # noqa: E402
-from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for, load_pretrained  # noqa: E402
+from visurf_engine.models.hf import load_pretrained  # noqa: E402
 from visurf_engine.models.policy import Policy  # noqa: E402
-from visurf_engine.models.tiny import tiny_config, train_tokenizer  # noqa: E402
 from visurf_engine.rollout import vllm_cpu  # noqa: E402
-from visurf_engine.rollout.vllm import VLLMRollout, export_checkpoint  # noqa: E402
-
-CUDA = pytest.mark.cuda
+from visurf_engine.rollout.vllm import VLLMRollout  # noqa: E402
 
 T = 0.7
 N = 3
 BUDGET = 16
 TOL = 1e-4
-
-
-def build_checkpoint(path):
-    """Random-init tiny model, its LM head scaled by 10 (peaked next-token distributions, a clear
-    greedy choice) and its ``<|im_end|>`` row set along the mean final hidden state (logit about 6),
-    so that many sampled completions end before the budget while greedy ones run to it."""
-    rows = shapes.make_split(64, seed=11, absent_ratio=0.5)
-    tokenizer = train_tokenizer([r.problem for r in rows] + ["<think>The red circle is at row 2.</think><answer>[]</answer>"])
-    processor = ImageOnlyProcessor(image_processor_for(shapes.SIZE * shapes.SIZE), tokenizer, chat_template=tokenizer.chat_template)
-    torch.manual_seed(0)
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation="sdpa")
-    policy = Policy(model, processor)
-    prompts = policy.encode([r.problem for r in rows[:4]], [r.image for r in rows[:4]])
-    with torch.no_grad():
-        mean = model.model(**policy.collate(prompts, range(4), [[policy.eos_id]] * 4).inputs).last_hidden_state.mean(dim=(0, 1))
-        model.lm_head.weight.mul_(10.0)
-        model.lm_head.weight[policy.eos_id] = 6.0 * mean / mean.norm() ** 2
-    return export_checkpoint(model, processor, path)
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +69,7 @@ def setup(built):
 
 def rollout_config(**vllm) -> RolloutConfig:
     return RolloutConfig(n=N, temperature=T, max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET,
-                         vllm=VLLMConfig(max_model_len=512, **vllm))  # fmt: skip
-
-
-def hf_logprobs(policy, prompts, b, completion, temperature, suppress=True):
-    batch = policy.collate(prompts, [b], [completion])
-    with torch.no_grad():
-        logits = policy.completion_hidden(batch) @ policy.lm_head_weight.T
-    if suppress:
-        logits[:, policy.suppressed] = float("-inf")
-    return F.log_softmax(logits / temperature, dim=-1).gather(1, batch.targets[:, None])[:, 0]
+                         vllm=VLLMConfig(**{"max_model_len": 512, "dtype": "float32", **vllm}))  # fmt: skip
 
 
 def sampled_logprob_error(policy, prompts, out) -> float:
@@ -237,7 +208,7 @@ def test_sync_after_an_adamw_step_and_the_prefix_reset_matters(setup):
     assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) < TOL
 
 
-@CUDA  # on CPU vLLM repacks linear weights into oneDNN handles: pointers prove nothing
+@pytest.mark.cuda  # on CPU vLLM repacks linear weights into oneDNN handles: pointers prove nothing
 def test_sync_keeps_engine_storage_on_cuda(setup):
     policy, prompts, rollout = setup
     assert rollout._check_storage
