@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import platform
@@ -35,19 +34,12 @@ from pathlib import Path
 
 import torch
 
+from provenance import RESULTS, device_name, version
 from visurf_kernels import LossSpec, fused_logprobs, fused_policy_loss
 
 GPU_SHAPES = {"qwen2.5-vl-3b": (2048, 151936), "qwen2.5-vl-7b": (3584, 152064)}
 CPU_SHAPES = {"cpu-small": (256, 8192)}
 EPS_LOW, EPS_HIGH = 0.2, 0.28
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def make_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
@@ -163,7 +155,7 @@ def main(argv=None):
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}")
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    dev_name = device_name(device)
     rows = []
     for shape, (hdim, vocab) in shapes.items():
         for n in tokens:
@@ -227,8 +219,8 @@ def main(argv=None):
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
-            "triton": _version("triton"),
-            "liger_kernel": _version("liger-kernel"),
+            "triton": version("triton"),
+            "liger_kernel": version("liger-kernel"),
         },
         "skipped": skipped,
         "results": rows,
