@@ -24,17 +24,14 @@ Prints a table and writes JSON (device, versions, date, every measurement) to
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from provenance import RESULTS, device_name, version
+from provenance import device_name, write_results
 from visurf_kernels import LossSpec, fused_logprobs, fused_policy_loss
 
 GPU_SHAPES = {"qwen2.5-vl-3b": (2048, 151936), "qwen2.5-vl-7b": (3584, 152064)}
@@ -204,31 +201,10 @@ def main(argv=None):
     for line in summary:
         print("  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
 
-    stamp = dt.datetime.now(dt.timezone.utc)
     tag = "cpu-quick" if quick and device.type == "cpu" else dev_name.lower().replace(" ", "-")
-    out = args.out or RESULTS / f"kernels-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "bench": "kernels",
-        "date": stamp.isoformat(),
-        "device": dev_name,
-        "mode": "quick" if quick else "full",
-        "dtype": str(dtype),
-        "reps": reps,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": version("triton"),
-            "liger_kernel": version("liger-kernel"),
-        },
-        "skipped": skipped,
-        "results": rows,
-        "summary": summary,
-    }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"\nwrote {out}")
-
+    fields = {"mode": "quick" if quick else "full", "dtype": str(dtype), "reps": reps, "skipped": skipped, "results": rows,
+              "summary": summary}  # fmt: skip
+    write_results("kernels", tag, device, fields, ("triton", "liger-kernel"), args.out)
 
 if __name__ == "__main__":
     main()

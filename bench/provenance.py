@@ -1,8 +1,11 @@
-"""Where a benchmark ran: package versions, the device's name, the commit and the command."""
+"""Where a benchmark ran (package versions, the device's name, the commit, the command), and
+its JSON under ``bench/results/``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.metadata
+import json
 import platform
 import subprocess
 import sys
@@ -40,3 +43,20 @@ def commit() -> str | None:
 
 def command() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def write_results(bench: str, tag: str, device: torch.device, fields: dict, packages: tuple[str, ...],
+                  out: Path | None = None) -> Path:  # fmt: skip
+    """Write ``fields`` with the provenance (date, device, command, commit, the versions of python,
+    torch, CUDA and ``packages``) to ``out`` or ``bench/results/<bench>-<tag>-<date>.json``."""
+    stamp = dt.datetime.now(dt.timezone.utc)
+    out = out or RESULTS / f"{bench}-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    payload = {
+        "bench": bench, "date": stamp.isoformat(), "device": device_name(device), "command": command(), "commit": commit(),
+        "versions": versions | {pkg: version(pkg) for pkg in packages}, **fields,
+    }  # fmt: skip
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {out}")
+    return out

