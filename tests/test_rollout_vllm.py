@@ -1,32 +1,36 @@
 """The vLLM rollout engine against the HF model it mirrors, on the tiny Qwen2.5-VL (float32).
 
-Runs only where vLLM is installed (CPU: ``bash scripts/setup_vllm_cpu.sh VENV_DIR``). The
+Runs only where vLLM is installed (CPU: ``bash scripts/setup_vllm_cpu.sh VENV_DIR``; with
+``VISURF_REQUIRE_VLLM=1`` a missing vLLM fails the module instead of skipping it). The
 reference log-probs come from a plain HF forward through the engine's own ``Policy``
-(``completion_hidden`` @ LM head), with the vision placeholder tokens masked as vLLM's logit
-bias masks them, at the sampling temperature.
+(``engine_testing.tiny_vllm.hf_logprobs``), with the vision placeholder tokens masked as vLLM's
+logit bias masks them, at the sampling temperature. The GPU-only assertions (CUDA graphs, sleep
+mode) are in ``test_rollout_vllm_cuda.py``.
 """
 
 from __future__ import annotations
 
 import random
+import tempfile
+from pathlib import Path
 
 import pytest
+from engine_testing import require_vllm
 
-pytest.importorskip("vllm")
+require_vllm()
+
+from engine_testing.tiny_vllm import build_checkpoint, hf_logprobs  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from visurf_engine.models import attention  # noqa: E402
-from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for, load_pretrained  # noqa: E402
-from visurf_engine.models.policy import Batching, Policy  # noqa: E402
-from visurf_engine.models.tiny import tiny_config, train_tokenizer  # noqa: E402
-from visurf_engine.rollout import vllm_cpu  # noqa: E402
-from visurf_engine.rollout.vllm import VLLMRollout, export_checkpoint  # noqa: E402
+from visurf_engine.config import RolloutConfig, VLLMConfig  # noqa: E402
 from visurf_engine.tasks.shapes import generator as shapes  # noqa: E402
-
-PADDED = Batching(pack=False, vision_once=False)
+from visurf_engine.models.hf import load_pretrained  # noqa: E402
+from visurf_engine.models.policy import Batching, Policy  # noqa: E402
+from visurf_engine.rollout import vllm_cpu  # noqa: E402
+from visurf_engine.rollout.vllm import VLLMRollout  # noqa: E402
 
 T = 0.7
 N = 3
@@ -34,49 +38,38 @@ BUDGET = 16
 TOL = 1e-4
 
 
-def build_checkpoint(path):
-    """Random-init tiny model, its LM head scaled by 10 (peaked next-token distributions, a clear
-    greedy choice) and its ``<|im_end|>`` row set along the mean final hidden state (logit about 6),
-    so that many sampled completions end before the budget while greedy ones run to it."""
-    rows = shapes.make_split(64, seed=11, absent_ratio=0.5)
-    tokenizer = train_tokenizer([r.problem for r in rows] + ["<think>The red circle is at row 2.</think><answer>[]</answer>"])
-    processor = ImageOnlyProcessor(image_processor_for(shapes.SIZE * shapes.SIZE), tokenizer, chat_template=tokenizer.chat_template)
-    torch.manual_seed(0)
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation=attention.NAME)
-    policy = Policy(model, processor)
-    prompts = policy.encode([r.problem for r in rows[:4]], [r.image for r in rows[:4]])
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """An engine built as the trainer builds it (``from_policy``) over the checkpoint, from a policy
+    whose weights have moved away from the checkpoint's (as after a resume): every parity test
+    below then also shows that the engine holds the policy's weights, not the checkpoint's."""
+    path = build_checkpoint(tmp_path_factory.mktemp("tiny-vllm"))
+    files = {f.name: f.read_bytes() for f in path.iterdir()}
+    model, processor = load_pretrained(path)
+    checkpoint = Policy(load_pretrained(path)[0], processor)
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        b = policy.collate(prompts, range(4), [[policy.eos_id]] * 4, PADDED)
-        mean = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                           pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw).last_hidden_state.mean(dim=(0, 1))
-        model.lm_head.weight.mul_(10.0)
-        model.lm_head.weight[policy.eos_id] = 6.0 * mean / mean.norm() ** 2
-    return export_checkpoint(model, processor, path)
+        for name, p in model.named_parameters():
+            if ".layers." in name or ".blocks." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.003)
+    policy = Policy(model, processor)
+    links = set(Path(tempfile.gettempdir()).glob("visurf-vllm-*"))
+    rollout = VLLMRollout.from_policy(policy, path, rollout_config())
+    return {"path": path, "files": files, "links": links, "checkpoint": checkpoint, "policy": policy, "rollout": rollout}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = build_checkpoint(tmp_path_factory.mktemp("tiny-vllm"))
-    model, processor = load_pretrained(path)
-    policy = Policy(model, processor)
+def setup(built):
+    policy = built["policy"]
     rows = shapes.make_split(2, seed=5, absent_ratio=0.0)
     # long enough (> one 128-token KV block) that vLLM's prefix cache holds a block of each prompt
     prompts = policy.encode([" ".join([r.problem] * 4) for r in rows], [r.image for r in rows])
-    cfg = dict(n=N, temperature=T, max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET, max_model_len=512, seed=3)
-    torch.manual_seed(123)
-    rollout = VLLMRollout(path, processor.tokenizer, cfg)
-    return policy, prompts, rollout
+    return policy, prompts, built["rollout"]
 
 
-def hf_logprobs(policy, prompts, b, completion, temperature, suppress=True):
-    batch = policy.collate(prompts, [b], [completion], PADDED)
-    with torch.no_grad():
-        logits = policy.completion_hidden(batch) @ policy.lm_head_weight.T
-    if suppress:
-        logits[:, policy.suppressed] = float("-inf")
-    return F.log_softmax(logits / temperature, dim=-1).gather(1, batch.targets[:, None])[:, 0]
+def rollout_config(**vllm) -> RolloutConfig:
+    return RolloutConfig(n=N, temperature=T, max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET,
+                         vllm=VLLMConfig(**{"max_model_len": 512, "dtype": "float32", **vllm}))  # fmt: skip
 
 
 def sampled_logprob_error(policy, prompts, out) -> float:
@@ -98,11 +91,17 @@ def test_torchvision_cpu_layer_defines_schemas_only():
 
 
 def test_engine_leaves_the_caller_state_alone(setup):
+    """vLLM's re-seeding and thread pinning never reach the caller; the caller's torch RNG only
+    advances by the one seed drawn per prompt."""
     policy, prompts, rollout = setup
     state = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
     rollout.sample(prompts)
-    assert torch.equal(torch.get_rng_state(), state[0]) and np.array_equal(np.random.get_state()[1], state[1])
+    after = torch.get_rng_state()
+    torch.set_rng_state(state[0])
+    for _ in range(len(prompts)):
+        torch.randint(0, 2**62, ())
+    assert torch.equal(torch.get_rng_state(), after) and np.array_equal(np.random.get_state()[1], state[1])
     assert random.getstate() == state[2]
     assert torch.get_num_threads() == threads and torch.set_num_threads is set_threads
     assert rollout.dtype == torch.float32
@@ -130,12 +129,12 @@ def test_sampling_logprobs_match_hf(setup):
     assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) < TOL
 
 
-def test_sampling_is_reproducible_from_the_seed(setup):
+def test_sampling_follows_the_callers_torch_seed(setup):
     policy, prompts, rollout = setup
-    rollout._seeds.manual_seed(42)
+    torch.manual_seed(42)
     first = rollout.sample(prompts).tokens
     assert rollout.sample(prompts).tokens != first
-    rollout._seeds.manual_seed(42)
+    torch.manual_seed(42)
     assert rollout.sample(prompts).tokens == first
 
 
@@ -153,9 +152,27 @@ def test_fixed_completion_scores_match_hf(setup):
         assert (hf_logprobs(policy, prompts, b, fixed[b], 1.0, suppress=False) - lp).abs().max() < TOL
 
 
+def test_from_policy_links_the_checkpoint_and_syncs_the_policy(built, setup):
+    """The checkpoint is untouched and the links are gone once the engine is up; the engine scores
+    as the policy does (``test_fixed_completion_scores_match_hf``), not as the checkpoint."""
+    policy, prompts, rollout = setup
+    assert {f.name: f.read_bytes() for f in built["path"].iterdir()} == built["files"]
+    assert set(Path(tempfile.gettempdir()).glob("visurf-vllm-*")) == built["links"]
+    fixed = [c[0] for c in rollout.sample(prompts).tokens]
+    for b, lp in enumerate(rollout.score(prompts, fixed)):
+        assert (hf_logprobs(built["checkpoint"], prompts, b, fixed[b], 1.0, suppress=False) - lp).abs().max() > 1e-2
+
+
+def test_sleep_mode_is_refused_where_vllm_has_none(setup, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA has a sleep mode")
+    with pytest.raises(ValueError, match="rollout.vllm.sleep: vLLM's sleep mode is not available"):
+        VLLMRollout(build_checkpoint(tmp_path), setup[0].tokenizer, rollout_config(sleep=True))
+
+
 def _adamw_step(policy, prompts, completions):
     opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-4)
-    batch = policy.collate(prompts, range(len(prompts)), completions, PADDED)
+    batch = policy.collate(prompts, range(len(prompts)), completions, Batching())
     logits = policy.completion_hidden(batch) @ policy.lm_head_weight.T
     F.cross_entropy(logits, batch.targets).backward()
     opt.step()
@@ -184,16 +201,14 @@ def test_sync_after_an_adamw_step_and_the_prefix_reset_matters(setup):
     assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) < TOL
 
     _adamw_step(policy, prompts, fixed)  # again, with one reload call per layer group
-    rollout.cfg["bucket_bytes"], rollout._plan = 1, None
+    rollout.cfg.vllm.bucket_bytes, rollout._plan = 1, None
     rollout.sync_weights(policy.model.named_parameters())
     assert len(rollout.plan.buckets) > 10
     assert score_error() < TOL
     assert sampled_logprob_error(policy, prompts, rollout.sample(prompts)) < TOL
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="on CPU vLLM repacks linear weights into oneDNN handles: pointers prove nothing"
-)
+@pytest.mark.cuda  # on CPU vLLM repacks linear weights into oneDNN handles: pointers prove nothing
 def test_sync_keeps_engine_storage_on_cuda(setup):
     policy, prompts, rollout = setup
     assert rollout._check_storage
@@ -207,4 +222,4 @@ def test_checkpoint_without_video_processor_is_refused(tmp_path):
     config = (path / "processor_config.json").read_text()
     (path / "processor_config.json").write_text(config.replace('"video_processor"', '"no_video_processor"'))
     with pytest.raises(ValueError, match="export_checkpoint"):
-        VLLMRollout(path, None, {})
+        VLLMRollout(path, None, RolloutConfig())

@@ -24,17 +24,13 @@ def saved(request, tmp_path_factory):
     return model, path
 
 
-def planned(plan: SyncPlan) -> list[tuple[str, str]]:
-    return [pair for bucket in plan.buckets for pair in bucket]
-
-
 def test_every_trainer_parameter_maps_exactly_once(saved):
     model, path = saved
     assert (path / "model.safetensors.index.json").is_file()
     specs, aliases = module_specs(model)
     engine = checkpoint_specs(path)
     plan = SyncPlan.build(specs, engine, dtype=torch.bfloat16, aliases=aliases)
-    pairs = planned(plan)
+    pairs = plan.pairs
     trainer_names = [t for t, _ in pairs]
     engine_names = [e for _, e in pairs]
     assert sorted(trainer_names) == sorted(name for name, _ in model.named_parameters())  # no missing, no extra

@@ -71,13 +71,37 @@ class WarmStartConfig:
 
 
 @dataclass
+class HFRolloutConfig:
+    """``rollout.backend=hf``: transformers ``generate`` (``rollout/hf.py``)."""
+
+    replica: bool = False  # generate with a separate inference copy fed by the weight sync (false: the training module)
+    dtype: str = "bfloat16"  # replica dtype: float32 | bfloat16
+    static_cache: bool | None = None  # replica: static KV cache + compiled (CUDA-graph) decode; null: on CUDA only
+
+
+@dataclass
+class VLLMConfig:
+    """``rollout.backend=vllm``: an in-process vLLM engine per rank (``rollout/vllm.py``)."""
+
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    max_model_len: int = 1024  # longest prompt + completion, in tokens
+    kv_cache_space_gib: float = 1.0  # CPU: KV cache size
+    gpu_memory_utilization: float = 0.3  # GPU: device-memory share for vLLM's weights + KV cache (the rest trains)
+    enforce_eager: bool | None = None  # null: eager on CPU, CUDA graphs on GPU
+    sleep: bool | None = None  # sleep (level 1) from each sampling to the next weight sync; null: where supported (CUDA)
+    bucket_bytes: int = 256 << 20  # weight sync: bytes (engine dtype) per reload call
+
+
+@dataclass
 class RolloutConfig:
-    backend: str = "hf"
+    backend: str = "hf"  # hf (transformers generate) | vllm
     n: int = 4  # G rollouts per prompt
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
     eval_max_new_tokens: int = 48
+    hf: HFRolloutConfig = field(default_factory=HFRolloutConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -98,6 +122,8 @@ class AlgoConfig:
     updates_per_step: int = 1  # optimizer steps per batch (>1 needs an old-log-prob pass)
     kl_coef: float = 0.0  # KL penalty against the frozen base model (0: none, and no reference pass)
     kl_estimator: str = "k3"  # k1 | k2 | k3 (= verl low_var_kl, TRL's)
+    rollout_correction: str = "none"  # none | tis: token weight x min(pi_old / pi_rollout, tis_cap); rollout.backend=vllm
+    tis_cap: float = 2.0  # C of the truncated importance ratio
 
 
 @dataclass
@@ -142,11 +168,12 @@ class Config:
     def loss_spec(self) -> LossSpec:
         """The run's loss options as the kernel's ``LossSpec``, the one place config keys meet it:
         the sampling temperature (log-probs of the sampled distribution), ``algo.eps_low`` /
-        ``eps_high`` / ``dual_clip`` / ``kl_coef`` / ``kl_estimator``, ``loss.backend``; the entropy
-        is always reported (logged)."""
+        ``eps_high`` / ``dual_clip`` / ``kl_coef`` / ``kl_estimator``, ``algo.tis_cap`` under
+        ``rollout_correction=tis``, ``loss.backend``; the entropy is always reported (logged)."""
         a = self.algo
+        tis_cap = a.tis_cap if a.rollout_correction == "tis" else None
         return LossSpec(temperature=self.rollout.temperature, eps_low=a.eps_low, eps_high=a.eps_high,
-                        dual_clip=a.dual_clip, with_entropy=True, backend=self.loss.backend,
+                        dual_clip=a.dual_clip, tis_cap=tis_cap, with_entropy=True, backend=self.loss.backend,
                         kl_coef=a.kl_coef, kl_estimator=a.kl_estimator)  # fmt: skip
 
 
@@ -224,7 +251,10 @@ def validate(cfg: Config) -> Config:
     _check_choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
     _check_choice("model.backend", cfg.model.backend, ("hf", "megatron"))
     _check_choice("model.image_processor", cfg.model.image_processor, ("native", "hf"))
-    _check_choice("rollout.backend", r.backend, ("hf",))
+    _check_choice("rollout.backend", r.backend, ("hf", "vllm"))
+    _check_choice("rollout.hf.dtype", r.hf.dtype, ("float32", "bfloat16"))
+    _check_choice("rollout.vllm.dtype", r.vllm.dtype, ("auto", "float32", "bfloat16"))
+    _check_choice("algo.rollout_correction", a.rollout_correction, ("none", "tis"))
     _check_choice("data.task", d.task, ("shapes", "files"))
     _check_choice("data.on_bad_row", d.on_bad_row, ("error", "skip"))
     positive = {
@@ -234,6 +264,9 @@ def validate(cfg: Config) -> Config:
         "train.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
         "rollout.n": r.n,
         "rollout.max_new_tokens": r.max_new_tokens,
+        "rollout.vllm.kv_cache_space_gib": r.vllm.kv_cache_space_gib,
+        "rollout.vllm.bucket_bytes": r.vllm.bucket_bytes,
+        "algo.tis_cap": a.tis_cap,
         "algo.updates_per_step": a.updates_per_step,
         "data.eval_size": d.eval_size,
         "parallel.tp": cfg.parallel.tp,
@@ -248,6 +281,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algo.dual_clip: must be > 1 (or null), got {a.dual_clip}")
     if r.temperature <= 0 or not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.temperature/top_p: need temperature > 0 and 0 < top_p <= 1, got {r.temperature}, {r.top_p}")
+    if not 0 < r.vllm.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.vllm.gpu_memory_utilization: must be in (0, 1], got {r.vllm.gpu_memory_utilization}")
+    budget = max(r.max_new_tokens, r.eval_max_new_tokens)
+    if r.backend == "vllm" and r.vllm.max_model_len <= budget:
+        raise ConfigError(f"rollout.vllm.max_model_len: must exceed the generation budget ({budget} tokens) "
+                          f"by the longest prompt, got {r.vllm.max_model_len}")  # fmt: skip
+    if a.rollout_correction == "tis" and r.backend != "vllm":
+        raise ConfigError("algo.rollout_correction: tis needs the rollout engine's sampling log-probs: "
+                          f"rollout.backend=vllm (got {r.backend})")  # fmt: skip
     if a.paradigm == "sft_then_rlvr" and a.sft_steps >= t.steps:
         raise ConfigError(f"algo.sft_steps: must be < train.steps ({t.steps}) for sft_then_rlvr, got {a.sft_steps}")
     if d.task == "files" and not d.train_path:

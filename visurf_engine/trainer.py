@@ -29,6 +29,7 @@ from visurf_kernels import kl_penalty
 from . import checkpoint as ckpt
 from .algo.gold import make_gold
 from .algo.members import Members, build_members, per_token, sequence_weights
+from .algo.mismatch import mismatch_sums
 from .algo.paradigms import GroupRewards, Phase, get_paradigm
 from .config import Config
 from .data import PromptSampler, Row
@@ -71,7 +72,6 @@ class Trainer:
             log.info("model.backend=%s trains padded rows: train.pack does not apply", cfg.model.backend)
         self.batching = Batching(pack=t.pack and self.learner.packs, vision_once=t.vision_once,
                                  max_tokens=t.max_tokens_per_micro_batch, max_seqs=t.micro_batch_size)  # fmt: skip
-        self.rollout = build_rollout(cfg, self.policy)
         self.paradigm = get_paradigm(cfg.algo.paradigm)
         self.sft_steps = cfg.algo.sft_steps if cfg.algo.sft_steps >= 0 else t.steps // 2
         self.sampler = PromptSampler(len(self.data.train), t.seed)
@@ -79,6 +79,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.start_step, self.base_eval = 0, None
         self._resume()
+        self.rollout = build_rollout(cfg, self.policy, path)  # holds the resumed weights
         self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume=self.start_step > 0)
         if self.data.skipped:
             self.metrics.log(0, {"data/skipped_rows": self.data.skipped})
@@ -109,11 +110,12 @@ class Trainer:
         m: dict[str, float] = {"phase/sft": float(phase.name == "sft"), "reward/failures": 0.0}
         with timer("encode"):
             prompts = self.policy.encode([r.problem for r in rows], [r.image for r in rows])
-        rollouts = texts = None
+        rollouts = rollout_logp = texts = None
         rewards = GroupRewards(len(rows))
         if phase.rollouts:
             with timer("rollout"):
-                rollouts = self.rollout.sample(prompts, cfg.rollout.n).tokens
+                sampled = self.rollout.sample(prompts, cfg.rollout.n)
+            rollouts, rollout_logp = sampled.tokens, sampled.logprobs
             with timer("reward"):
                 texts, rewards, scored, failures = self._score_rollouts(rows, rollouts)
                 m |= scored
@@ -129,7 +131,7 @@ class Trainer:
             m["adv/gold"] = gold_adv.mean().item()
         if rollout_adv is not None:
             m["adv/rollout_abs"] = rollout_adv.abs().mean().item()
-        members = build_members(rollouts, rollout_adv, gold_tokens, gold_adv,
+        members = build_members(rollouts, rollout_adv, gold_tokens, gold_adv, rollout_logp=rollout_logp,
                                 gold_logprob_loss=phase.gold_logprob_loss(a.gold_loss))  # fmt: skip
         members = self.learner.share(members)
         if self.reference is not None:
@@ -178,13 +180,17 @@ class Trainer:
         return [self.policy.encode_text(t) for t in gold.texts], rewards, m, gold.failures
 
     def _update(self, prompts: Prompts, members: Members) -> dict[str, float]:
-        """``algo.updates_per_step`` optimizer steps over ``members``, in micro-batches."""
+        """``algo.updates_per_step`` optimizer steps over ``members``, in micro-batches.
+
+        With the engine's sampling log-probs it also measures the rollout/trainer mismatch on
+        this rank's rollout tokens (``algo.mismatch``) against the pre-update log-probs: the
+        update's own ``logp`` (one update per step) or the old-log-prob pass, no extra forward."""
         cfg, a = self.cfg, self.cfg.algo
         if a.updates_per_step > 1:  # later mini-batches are off-policy: keep the pre-update log-probs
             old = self.policy.logprobs(prompts, members.prompt.tolist(), members.tokens,
                                        self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
             members.old_logp = list(torch.split(old, members.lengths.tolist()))
-        sums = defaultdict(float)
+        sums, mismatch = defaultdict(float), defaultdict(float)
         for chunk in np.array_split(np.arange(len(members)), a.updates_per_step):
             part = members.select(chunk.tolist())
             counts = all_reduce_sum(torch.tensor([len(part), int(part.lengths.sum())], dtype=torch.float64), self.dp)
@@ -203,12 +209,20 @@ class Trainer:
                 if x.ref_logp is not None:
                     kl = kl_penalty(stats["logp"], torch.cat(x.ref_logp).to(stats["logp"].device), a.kl_estimator)
                     sums["kl"] += kl[rollout_tok].sum().item()
+                if x.rollout_logp is not None:
+                    trainer_logp = torch.cat(x.old_logp) if x.old_logp is not None else stats["logp"]
+                    diff = mismatch_sums(trainer_logp, torch.cat(x.rollout_logp), self.loss_spec.tis_cap)
+                    for k, v in diff.items():
+                        mismatch[k] += v
             sums["grad_norm"] += self.learner.step(cfg.train.grad_clip)
         n = a.updates_per_step
         out = {"loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n, "clip_frac": sums["clipped"] / max(sums["tokens"], 1)}
         out["entropy"] = sums["entropy"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
         if self.reference is not None:
             out["kl"] = sums["kl"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
+        names = {"abs": "mismatch/logp_abs", "kl": "mismatch/kl", "truncated": "mismatch/tis_truncated"}
+        if mismatch["tokens"]:
+            out |= {names[k]: v / mismatch["tokens"] for k, v in mismatch.items() if k != "tokens"}
         return out
 
     # -- the run --------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def oracle(case: Case) -> dict:
     wt = case.lm_weight.detach().double().requires_grad_()
     ref_logp = case.ref_logp.double() if case.ref_logp is not None else None
     loss, stats = fused_policy_loss_reference(h, wt, case.targets, case.old_logp, case.adv, case.w, case.spec,
-                                              case.logprob_mask, ref_logp)  # fmt: skip
+                                              case.logprob_mask, ref_logp=ref_logp)  # fmt: skip
     loss.backward()
     valid = case.targets != IGNORE_INDEX
     _, loss_t, _ = policy_loss_from_logp(
@@ -147,7 +147,7 @@ def oracle(case: Case) -> dict:
         case.w.double(),
         case.spec,
         case.logprob_mask,
-        ref_logp,
+        ref_logp=ref_logp,
     )
     with torch.no_grad():
         zmax = (h @ wt.T / case.spec.temperature).abs().max().item()

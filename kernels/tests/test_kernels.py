@@ -9,6 +9,8 @@ Every case draws fresh random inputs from its own seed. The Triton kernels: ``te
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from visurf_kernels import (
     fused_policy_loss,
     kl_penalty,
     resolve_backend,
+    truncated_is_ratio,
 )
 from visurf_kernels.chunked import TorchTiles
 
@@ -65,6 +68,37 @@ def test_on_policy_without_old_logp(backend):
     assert not ref["clipped"].any()
     compare(run_loss(fused_policy_loss, case, backend=backend), ref, torch.float32)
     compare(run_loss(engine_loss(ENGINES["tiled"]), case), ref, torch.float32)
+
+
+@pytest.mark.parametrize("fn", ["tiled", "reference"])
+@pytest.mark.parametrize("policy", ["off-policy", "on-policy"])
+def test_tis_weights_match_the_float64_reference(policy, fn):
+    """``tis_cap = C``: loss and gradients equal the float64 oracle run with the weights
+    ``w_t * min(exp(old_t - rollout_t), C)`` formed in float64 from the same log-probs (on-policy:
+    the oracle's own ``logp``); a NaN rollout log-prob (the gold) weighs 1; without the cap the
+    rollout log-probs change nothing."""
+    cap = 2.0
+    case = make_case(601, 44, 16, 150, torch.float32, dual_clip=3.0, logprob_frac=0.2)
+    if policy == "on-policy":
+        case.old_logp = None
+    train = oracle(case)["logp"] if case.old_logp is None else case.old_logp.double()
+    g = torch.Generator().manual_seed(7)
+    rollout = (train + 1.2 * torch.randn(train.shape, generator=g, dtype=torch.float64)).float()
+    gold = torch.rand(train.shape, generator=g) < 0.25
+    rollout[gold] = float("nan")
+    ratio = torch.where(gold, 1.0, torch.exp(train - rollout.double()).clamp(max=cap))
+    assert (ratio == cap).any() and (ratio < 0.5).any() and (ratio[gold] == 1).all()
+    torch.testing.assert_close(truncated_is_ratio(train, rollout.double(), cap), ratio, rtol=0, atol=0)
+
+    loss_fn = engine_loss(ENGINES["tiled"]) if fn == "tiled" else fused_policy_loss
+    h = case.hidden.clone().requires_grad_()
+    wt = case.lm_weight.clone().requires_grad_()
+    loss, stats = loss_fn(*case.args(h, wt, tis_cap=cap, backend="torch" if fn == "tiled" else fn), rollout_logp=rollout)
+    loss.backward()
+    weighted = dataclasses.replace(case, w=case.w.double() * ratio)
+    compare({"loss": loss.detach(), "dh": h.grad, "dw": wt.grad, **stats}, oracle(weighted), torch.float32)
+    uncapped = loss_fn(*case.args(backend="torch" if fn == "tiled" else fn), rollout_logp=rollout)[0]
+    torch.testing.assert_close(uncapped.double(), oracle(case)["loss"], rtol=1e-5, atol=1e-7)
 
 
 def test_masked_rows_cost_nothing_and_ignored_rows_report_zero():

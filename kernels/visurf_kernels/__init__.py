@@ -13,8 +13,10 @@ the loss options held once (``spec``):
   ``fused_logprobs_grad`` (same arguments): ``logp`` with a gradient, for stacks whose loss
   takes log-probs.
 - ``FusedPolicyLoss(spec)``: ``nn.Module`` wrapper holding the spec, for other stacks (TRL, verl).
-- ``policy_loss_from_logp(logp, old_logp, adv, w, spec, logprob_mask=None)``: the elementwise
-  objective on given log-probs (what every backend and other stacks' loss hooks share).
+- ``policy_loss_from_logp(logp, old_logp, adv, w, spec, logprob_mask=None, *, ref_logp=None,
+  rollout_logp=None)``: the elementwise objective on given log-probs (what every backend and
+  other stacks' loss hooks share); ``kl_penalty`` and ``truncated_is_ratio``: its KL term
+  (``spec.kl_coef``) and TIS weight (``spec.tis_cap``) on their own.
 
 Backends: ``triton`` (GPU kernels, ``triton_policy_loss``), ``torch`` (chunked torch ops,
 ``chunked``; the CPU path), ``reference`` (eager, materialised logits: the test oracle, no
@@ -38,7 +40,8 @@ import torch
 
 from . import function
 from .chunked import TorchTiles
-from .reference import fused_policy_loss_reference, kl_penalty, logprobs_reference, policy_loss_from_logp
+from .reference import (fused_policy_loss_reference, kl_penalty, logprobs_reference, policy_loss_from_logp,
+                        truncated_is_ratio)  # fmt: skip
 from .spec import BACKENDS, IGNORE_INDEX, LossSpec
 
 
@@ -76,20 +79,23 @@ def fused_policy_loss(
     logprob_mask: torch.Tensor | None = None,
     *,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
     tp_group=None,
     vocab_start: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar ``sum_t w_t * loss_t`` of the PPO-clip / log-prob objective (plus the KL penalty
-    against ``ref_logp[N]`` when ``spec.kl_coef > 0``); see ``reference``.
+    against ``ref_logp[N]`` when ``spec.kl_coef > 0``); see ``reference``. ``rollout_logp[N]``
+    (NaN: not sampled by the engine) enters only with ``spec.tis_cap`` (truncated IS weights).
 
     ``old_logp=None``: on-policy (``old_logp = logp`` detached, ``rho = 1``).
     """
     name = resolve_backend(spec.backend, hidden, tp_group)
     if name == "reference":
-        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask, ref_logp)
+        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask,
+                                           ref_logp=ref_logp, rollout_logp=rollout_logp)  # fmt: skip
     return function.policy_loss(
         _engine(name, hidden.dtype), hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask,
-        ref_logp=ref_logp, tp_group=tp_group, vocab_start=vocab_start,
+        ref_logp=ref_logp, rollout_logp=rollout_logp, tp_group=tp_group, vocab_start=vocab_start,
     )  # fmt: skip
 
 
@@ -143,6 +149,7 @@ __all__ = [
     "FusedPolicyLoss",
     "policy_loss_from_logp",
     "kl_penalty",
+    "truncated_is_ratio",
     "resolve_backend",
     "IGNORE_INDEX",
     "BACKENDS",

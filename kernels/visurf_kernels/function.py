@@ -3,8 +3,10 @@ gradients during the forward pass.
 
 Shapes: ``hidden[N, H]``, ``lm_weight[V_local, H]`` (rows ``vocab_start ..`` of the full
 vocabulary), per-token ``targets[N]``, ``old_logp[N]`` (or None: on-policy, ``rho = 1``),
-``adv[N]``, ``w[N]``, optional bool ``logprob_mask[N]`` and ``ref_logp[N]`` (the KL penalty's
-reference log-probs, when ``spec.kl_coef > 0``). Math: ``reference.py``;
+``adv[N]``, ``w[N]``, optional bool ``logprob_mask[N]`` and the optional per-token log-probs
+``TokenRefs(ref_logp[N], rollout_logp[N])`` of the KL penalty's reference policy
+(``spec.kl_coef > 0``) and of the rollout engine (TIS weights, ``spec.tis_cap``). Math:
+``reference.py``;
 ``y = hidden @ lm_weight^T``, ``z = y / T``.
 
 Because the loss ``L = sum_t w_t loss_t`` is a scalar, its gradients are produced in the
@@ -42,6 +44,17 @@ import torch
 from .reference import policy_loss_from_logp
 from .spec import LossSpec
 from .vocab_parallel import min_over_group, reduce_row_stats
+
+
+class TokenRefs(NamedTuple):
+    """Optional per-token log-probs of other policies: the KL reference's and the rollout engine's."""
+
+    ref_logp: torch.Tensor | None = None
+    rollout_logp: torch.Tensor | None = None
+
+    def select(self, idx: torch.Tensor, dtype: torch.dtype) -> dict:
+        """The rows ``idx`` in ``dtype``, as ``policy_loss_from_logp``'s keyword arguments."""
+        return {k: v.index_select(0, idx).to(dtype) if v is not None else None for k, v in self._asdict().items()}
 
 
 class Shard(NamedTuple):
@@ -128,7 +141,7 @@ def _grad_buffers(hidden, weight, n_rows: int, chunk: int, need_dh: bool, need_d
 
 
 def policy_loss_forward(
-    engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, ref_logp, spec: LossSpec, shard: Shard,
+    engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, refs: TokenRefs, spec: LossSpec, shard: Shard,
     need_dh: bool, need_dw: bool,
 ):  # fmt: skip
     """Loss, per-token stats, and (as requested) ``d hidden``, ``d lm_weight`` of the loss."""
@@ -145,8 +158,7 @@ def policy_loss_forward(
             lp = logp.to(cd).detach().requires_grad_()
             old = old_logp[idx] if old_logp is not None else lp.detach()
             mask = logprob_mask.index_select(0, idx) if logprob_mask is not None else None
-            ref = ref_logp.index_select(0, idx) if ref_logp is not None else None
-            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], spec, mask, ref)
+            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], spec, mask, **refs.select(idx, cd))
             (g,) = torch.autograd.grad(loss, lp)
         return g.to(logp.dtype)
 
@@ -159,16 +171,17 @@ def policy_loss_forward(
     p.run(stat_rows, p.chunk_rows(stat_rows.numel()))
 
     old = old_logp if old_logp is not None else p.logp
-    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, spec, logprob_mask, ref_logp)
+    all_rows = torch.arange(len(targets), device=targets.device)
+    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, spec, logprob_mask, **refs.select(all_rows, cd))
     return loss, p.logp, clipped & valid, p.entropy, dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
 def policy_loss(engine, hidden, weight, targets, old_logp, adv, w, spec: LossSpec, logprob_mask=None, *,
-                ref_logp=None, tp_group=None, vocab_start: int = 0):  # fmt: skip
+                ref_logp=None, rollout_logp=None, tp_group=None, vocab_start: int = 0):  # fmt: skip
     """``fused_policy_loss`` on a given tile engine."""
     loss, logp, clipped, entropy = PolicyLossFunction.apply(
-        hidden, weight, targets, old_logp, adv, w, logprob_mask, ref_logp, engine, spec, Shard(tp_group, vocab_start),
-        torch.is_grad_enabled(),
+        hidden, weight, targets, old_logp, adv, w, logprob_mask, TokenRefs(ref_logp, rollout_logp), engine, spec,
+        Shard(tp_group, vocab_start), torch.is_grad_enabled(),
     )
     stats = {"logp": logp, "clipped": clipped}
     if spec.with_entropy:
@@ -225,7 +238,7 @@ class LogProbFunction(torch.autograd.Function):
 
 
 class PolicyLossFunction(torch.autograd.Function):
-    """``apply(hidden, lm_weight, targets, old_logp, adv, w, logprob_mask, ref_logp, engine, spec, shard,
+    """``apply(hidden, lm_weight, targets, old_logp, adv, w, logprob_mask, refs, engine, spec, shard,
     grad_enabled)`` -> ``(loss, logp, clipped, entropy)``; entropy is empty unless requested.
 
     Gradients (to ``hidden`` and ``lm_weight`` only) are computed in ``forward`` -- only for
@@ -235,12 +248,12 @@ class PolicyLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old_logp, adv, w, logprob_mask, ref_logp, engine, spec, shard,
+    def forward(ctx, hidden, weight, targets, old_logp, adv, w, logprob_mask, refs, engine, spec, shard,
                 grad_enabled):  # fmt: skip
         need_dh = grad_enabled and ctx.needs_input_grad[0]
         need_dw = grad_enabled and ctx.needs_input_grad[1]
         loss, logp, clipped, entropy, dh, dw = policy_loss_forward(
-            engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, ref_logp, spec, shard, need_dh, need_dw
+            engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, refs, spec, shard, need_dh, need_dw
         )
         ctx.grads = (dh, dw)
         logp = logp.float()

@@ -2,8 +2,9 @@
 
 It holds a ``LossSpec`` and, for a vocab-parallel LM head, where this rank's shard sits;
 ``forward(hidden[N, H], lm_weight[V_local, H], targets[N], old_logp[N], adv[N], w[N],
-logprob_mask=None, ref_logp=None) -> (loss, stats)`` as ``fused_policy_loss``. It has no
-parameters: pass the LM head's weight (``model.lm_head.weight``) at call time.
+logprob_mask=None, ref_logp=None, rollout_logp=None) -> (loss, stats)`` as
+``fused_policy_loss``. It has no parameters: pass the LM head's weight
+(``model.lm_head.weight``) at call time.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ class FusedPolicyLoss(nn.Module):
         w: torch.Tensor,
         logprob_mask: torch.Tensor | None = None,
         ref_logp: torch.Tensor | None = None,
+        rollout_logp: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_policy_loss(
             hidden, lm_weight, targets, old_logp, adv, w, self.spec, logprob_mask,
-            ref_logp=ref_logp, tp_group=self.tp_group, vocab_start=self.vocab_start,
+            ref_logp=ref_logp, rollout_logp=rollout_logp, tp_group=self.tp_group, vocab_start=self.vocab_start,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

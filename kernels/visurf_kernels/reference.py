@@ -18,7 +18,18 @@ Per token ``t`` (``z_t = hidden_t @ lm_weight^T / temperature``):
     obj_t   = max(obj_t, c * A_t)        if dual_clip = c is set and A_t < 0
     obj_t   = A_t * logp_t               if logprob_mask_t (SFT / ``gold_loss: logprob``)
     loss_t  = -obj_t + beta * KL_t       (beta = kl_coef; KL against ref_logp, ``kl_penalty``)
+    w_t     = w_t * min(exp(old_logp_t - rollout_logp_t), C)    if tis_cap = C is set (TIS)
     loss    = sum_t w_t * loss_t
+
+**Truncated importance sampling** (``tis_cap``, ``truncated_is_ratio``). The rollout engine
+(e.g. vLLM in bf16, other kernels) samples token ``a_t`` from ``pi_rollout``, which is not
+exactly the trainer's old policy ``pi_old`` (the same weights through the trainer's kernels).
+The PPO gradient is an expectation under ``pi_old``; reweighting each token by ``pi_old(a_t) /
+pi_rollout(a_t)``, truncated at ``C`` to bound the variance, corrects for the difference
+(Yao et al., 2025). The ratio is a constant (no gradient). It is formed from ``old_logp`` as
+the loss sees it, so on-policy (``old_logp=None``) it is this call's own ``logp`` detached:
+computed inside the kernel contract, it costs no extra forward pass. ``rollout_logp_t`` NaN
+marks a token the engine did not sample (the gold answer): its ratio is 1.
 
 Rows whose target equals ``ignore_index`` contribute nothing and report ``logp = 0``,
 ``entropy = 0`` and ``clipped = False``; rows with ``w_t = 0`` contribute nothing to the
@@ -48,6 +59,13 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
     return torch.expm1(d) - d
 
 
+def truncated_is_ratio(train_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """``min(exp(train_logp - rollout_logp), cap)`` per token, detached; 1 where ``rollout_logp``
+    is NaN (a token the rollout engine did not sample)."""
+    ratio = torch.exp(train_logp.detach() - rollout_logp).clamp(max=cap)
+    return torch.where(torch.isnan(rollout_logp), torch.ones_like(ratio), ratio)
+
+
 def _surrogate(logp, old_logp, adv, spec: LossSpec):
     """Per-token PPO-clip objective and clip flags (all ``[N]``)."""
     ratio = torch.exp(logp - old_logp)
@@ -70,14 +88,19 @@ def policy_loss_from_logp(
     w: torch.Tensor,
     spec: LossSpec,
     logprob_mask: torch.Tensor | None = None,
+    *,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, per-token loss and clip flags given per-token log-probs ``logp[N]``.
 
     Shared by every backend: once ``logp`` is known the rest is elementwise (``spec``'s
-    clip range, dual clip and KL penalty, which needs ``ref_logp[N]`` when ``kl_coef > 0``).
+    clip range, dual clip, KL penalty, which needs ``ref_logp[N]`` when ``kl_coef > 0``, and
+    TIS cap, which uses ``rollout_logp[N]`` when ``tis_cap`` is set).
     Returns ``(loss scalar, loss_t[N], clipped[N] bool)``.
     """
+    if spec.tis_cap is not None and rollout_logp is not None:
+        w = w * truncated_is_ratio(old_logp, rollout_logp.to(old_logp.dtype), spec.tis_cap)
     obj, clipped = _surrogate(logp, old_logp, adv, spec)
     if logprob_mask is not None:
         obj = torch.where(logprob_mask, adv * logp, obj)
@@ -122,7 +145,9 @@ def fused_policy_loss_reference(
     w: torch.Tensor,
     spec: LossSpec,
     logprob_mask: torch.Tensor | None = None,
+    *,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss, stats)`` of the module docstring; autograd flows to ``hidden`` and ``lm_weight``.
 
@@ -133,7 +158,8 @@ def fused_policy_loss_reference(
     valid = targets != spec.ignore_index
     w = torch.where(valid, w.to(dtype), torch.zeros((), dtype=dtype, device=w.device))
     old = logp.detach() if old_logp is None else old_logp.to(dtype)
-    loss, _, clipped = policy_loss_from_logp(logp, old, adv.to(dtype), w, spec, logprob_mask, ref_logp)
+    loss, _, clipped = policy_loss_from_logp(logp, old, adv.to(dtype), w, spec, logprob_mask, ref_logp=ref_logp,
+                                             rollout_logp=rollout_logp)  # fmt: skip
     stats = {"logp": logp.detach(), "clipped": clipped & valid}
     if entropy is not None:
         stats["entropy"] = entropy.detach()

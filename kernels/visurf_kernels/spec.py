@@ -10,6 +10,9 @@ Fields (math in ``reference``):
 - ``temperature``: logits are ``z = hidden @ lm_weight^T / temperature``;
 - ``eps_low``, ``eps_high``: the PPO clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio;
 - ``dual_clip``: ``c > 1`` bounds the objective of negative-advantage tokens below by ``c A``;
+- ``tis_cap``: ``C > 0`` turns on truncated importance sampling against the rollout engine: each
+  token's weight ``w_t`` is multiplied by ``min(pi_old(a_t) / pi_rollout(a_t), C)`` (detached),
+  given the engine's per-token ``rollout_logp`` (``None``: no correction);
 - ``with_entropy``: also report the per-token entropy (no gradient);
 - ``ignore_index``: target value of rows that are not completion tokens;
 - ``backend``: ``auto`` | ``triton`` | ``torch`` | ``reference`` (see the package docstring);
@@ -35,6 +38,7 @@ class LossSpec:
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None
+    tis_cap: float | None = None
     with_entropy: bool = False
     ignore_index: int = IGNORE_INDEX
     backend: str = "auto"
@@ -48,6 +52,8 @@ class LossSpec:
             raise ValueError(f"LossSpec: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ValueError(f"LossSpec.dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"LossSpec.tis_cap must be > 0 (or None), got {self.tis_cap}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown loss backend {self.backend!r}; choose one of {BACKENDS}")
         if self.kl_coef < 0 or self.kl_estimator not in KL_ESTIMATORS:

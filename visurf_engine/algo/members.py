@@ -5,8 +5,9 @@ tensors: ``prompt[M]`` (index into the step's prompts), ``adv[M]``, ``gold[M]``,
 ``logprob_loss[M]`` (``-A log pi`` instead of the PPO surrogate), with the completion token
 ids ``tokens[m]`` (lists: what the collator concatenates behind each prompt) and, when the
 step needs them, per-token log-probs ``[L_m]`` float32 of each member: the pre-update
-policy's ``old_logp[m]`` (off-policy updates) and the reference policy's ``ref_logp[m]``
-(the KL penalty).
+policy's ``old_logp[m]`` (off-policy updates), the reference policy's ``ref_logp[m]`` (the KL
+penalty) and the rollout engine's sampling log-probs ``rollout_logp[m]`` (NaN for the gold,
+which no engine sampled; the rollout/trainer mismatch and its correction).
 
 Aggregation enters the kernel as a per-token weight ``w_t`` that is constant within a
 sequence s of length L_s, over the S sequences / T tokens of the global (all-ranks)
@@ -39,6 +40,7 @@ class Members:
     logprob_loss: torch.Tensor  # [M] bool
     old_logp: list[torch.Tensor] | None = None  # [M][L_m]; None: on-policy
     ref_logp: list[torch.Tensor] | None = None  # [M][L_m]; None: no KL penalty
+    rollout_logp: list[torch.Tensor] | None = None  # [M][L_m]; None: the engine reports none
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -52,11 +54,11 @@ class Members:
         """The members ``idx``, in that order."""
         i = torch.as_tensor(idx, dtype=torch.long)
 
-        def pick(xs):
-            return [xs[j] for j in idx] if xs is not None else None
+        def pick(values):
+            return [values[j] for j in idx] if values is not None else None
 
         return Members(self.prompt[i], pick(self.tokens), self.adv[i], self.gold[i], self.logprob_loss[i],
-                       pick(self.old_logp), pick(self.ref_logp))  # fmt: skip
+                       pick(self.old_logp), pick(self.ref_logp), pick(self.rollout_logp))  # fmt: skip
 
 
 def build_members(
@@ -66,20 +68,24 @@ def build_members(
     gold_adv: torch.Tensor | None,
     *,
     gold_logprob_loss: bool,
+    rollout_logp: list[list[torch.Tensor]] | None = None,
 ) -> Members:
     """Members in prompt order: the G rollouts ``rollouts[b]`` of prompt b (advantages
-    ``rollout_adv[b]``), then its gold ``gold_tokens[b]`` (advantage ``gold_adv[b]``)."""
+    ``rollout_adv[b]``, sampling log-probs ``rollout_logp[b]`` if the engine has them), then its
+    gold ``gold_tokens[b]`` (advantage ``gold_adv[b]``, rollout log-probs NaN)."""
     num_prompts = len(rollouts) if rollouts is not None else len(gold_tokens)
     g = len(rollouts[0]) if rollouts is not None else 0
     per_prompt = g + (gold_tokens is not None)
-    tokens, adv = [], []
+    tokens, adv, logp = [], [], []
     for b in range(num_prompts):
         if rollouts is not None:
             tokens += rollouts[b]
             adv.append(rollout_adv[b])
+            logp += rollout_logp[b] if rollout_logp is not None else []
         if gold_tokens is not None:
             tokens.append(gold_tokens[b])
             adv.append(gold_adv[b : b + 1])
+            logp.append(torch.full((len(gold_tokens[b]),), float("nan")))
     is_gold = torch.zeros(num_prompts, per_prompt, dtype=torch.bool)
     if gold_tokens is not None:
         is_gold[:, -1] = True
@@ -90,6 +96,7 @@ def build_members(
         adv=torch.cat(adv).float(),
         gold=is_gold,
         logprob_loss=is_gold & gold_logprob_loss,
+        rollout_logp=logp if rollout_logp is not None else None,
     )
 
 

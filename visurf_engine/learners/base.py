@@ -41,24 +41,26 @@ class MicroBatch:
     w: torch.Tensor  # float32: the aggregation weight (``algo.members.sequence_weights``)
     logprob_mask: torch.Tensor  # bool: tokens with the ``-A log pi`` loss
     ref_logp: torch.Tensor | None = None  # the reference policy's log-probs (KL penalty)
+    rollout_logp: torch.Tensor | None = None  # the engine's sampling log-probs (NaN: the gold); None: none
 
 
 def make_micro_batch(
     policy: Policy, prompts: Prompts, members: Members, weights: torch.Tensor, batching: Batching
 ) -> MicroBatch:
     """Collate ``members`` (per-sequence ``weights[S]``; padded or packed as ``batching`` says)
-    and broadcast their advantage, weight and loss kind to their tokens; their ``old_logp`` and
-    ``ref_logp`` (if any) are concatenated."""
+    and broadcast their advantage, weight and loss kind to their tokens; their ``old_logp``,
+    ``ref_logp`` and ``rollout_logp`` (if any) are concatenated."""
     batch = policy.collate(prompts, members.prompt.tolist(), members.tokens, batching)
     dev = batch.targets.device
 
-    def cat(xs):
-        return torch.cat(xs).to(dev) if xs is not None else None
+    def cat(values):
+        return torch.cat(values).to(dev) if values is not None else None
 
     return MicroBatch(
         batch=batch,
         old_logp=cat(members.old_logp),
         ref_logp=cat(members.ref_logp),
+        rollout_logp=cat(members.rollout_logp),
         adv=per_token(members.adv, batch.lengths).to(dev),
         w=per_token(weights, batch.lengths).to(dev),
         logprob_mask=per_token(members.logprob_loss, batch.lengths).to(dev),

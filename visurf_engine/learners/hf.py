@@ -34,7 +34,8 @@ class HFLearner(Learner):
             with self.policy.autocast():
                 hidden = self.policy.completion_hidden(x.batch)
                 loss, stats = fused_policy_loss(hidden, self.policy.lm_head_weight, x.batch.targets, x.old_logp,
-                                                x.adv, x.w, self.spec, x.logprob_mask, ref_logp=x.ref_logp)  # fmt: skip
+                                                x.adv, x.w, self.spec, x.logprob_mask, ref_logp=x.ref_logp,
+                                                rollout_logp=x.rollout_logp)  # fmt: skip
             loss.backward()
             out.append((loss.detach(), stats))
         all_reduce_grads(self.model, self.dp)

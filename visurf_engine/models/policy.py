@@ -83,11 +83,13 @@ class Policy:
         do_sample: bool,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        cache_implementation: str | None = None,
     ) -> list[list[int]]:
         """One completion per entry of ``idx`` (repeat an index for G samples).
 
         Each completion ends at (and includes) the end-of-turn token, or is cut at
-        ``max_new_tokens``.
+        ``max_new_tokens``. ``cache_implementation``: transformers' KV cache (``"static"``: a
+        preallocated cache, whose decode step transformers compiles on CUDA); None: its default.
         """
         lens = [len(prompts.input_ids[i]) for i in idx]
         width = max(lens)
@@ -99,6 +101,8 @@ class Policy:
             mm[row, width - n :] = prompts.mm_token_type_ids[i]
             mask[row, width - n :] = 1
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+        if cache_implementation is not None:
+            sampling["cache_implementation"] = cache_implementation
         was_training = self.model.training
         self.model.eval()
         with self.autocast():

@@ -1,8 +1,22 @@
 """Rollouts with vLLM, colocated in this process, its weights synced in place from the trainer.
 
-``VLLMRollout`` owns one ``vllm.LLM`` built from a local Hugging Face checkpoint directory
-(``export_checkpoint`` writes one from the policy) and runs it in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the trainer's tensors reach it by reference.
+``VLLMRollout`` owns one ``vllm.LLM`` per rank, run in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the trainer's tensors reach it by reference. Under
+torchrun (an initialised process group of more than one rank) it is built with
+``distributed_executor_backend="external_launcher"``: the engine joins the existing world
+instead of creating one (vLLM's default uniprocess executor would place every rank's engine on
+device 0) and, with tensor parallel size 1, every rank holds an independent engine ("external
+data parallel"). ``from_policy`` (what ``rollout.build_rollout`` uses) builds it from the
+checkpoint directory the policy was loaded from, read through symbolic links (nothing is
+copied; ``link_checkpoint``), then syncs the policy's current weights into it (after a resume
+they differ from the checkpoint's); the links are removed once the engine holds its weights.
+
+**One engine per process.** vLLM keeps its parallel state in module globals, and shutting an
+in-process engine down (explicitly, or when it is garbage-collected) tears all of it down, the
+torch default process group included; an older engine collected after a newer one was built
+would break the newer one. So a process holds one open engine: building one closes the
+previous one (whose later use raises), except under torchrun, where that would destroy the
+process group the trainer shares with vLLM: there a second engine is refused.
 
 **Prompts.** The engine's ``Prompts`` carry ids already expanded by the HF processor (one
 ``<|image_pad|>`` per merged image token). vLLM expands the placeholder itself, so each run of
@@ -17,16 +31,16 @@ bound; ``exp(-100)`` is 0 in float32), as the HF engine suppresses them. Each co
 (and includes) ``<|im_end|>`` or is cut at ``max_new_tokens``. Its per-token log-probs are those
 of the distribution it was sampled from, ``log softmax((z + bias) / T)`` after top-p
 (``logprobs_mode="processed_logprobs"``; vLLM's default, raw, is before bias and temperature).
-Note the trainer's fused loss scores ``log softmax(z / T)`` over the whole vocabulary: the two
-differ by ``log(1 - p_suppressed)``, which importance-sampling corrections must account for (or
-neglect, for a trained model where ``p_suppressed`` is tiny).
+The trainer's fused loss scores ``log softmax(z / T)`` over the whole vocabulary: the two differ
+by ``log(1 - p_suppressed)`` (and the top-p renormalisation), which is part of the
+rollout/trainer mismatch that ``algo.mismatch`` measures and the TIS correction reweights.
 
-**Reproducibility.** Every request gets a seed drawn from a generator seeded with ``cfg.seed``
-(vLLM gives child ``i`` of an ``n``-sample request ``seed + i``; seeds are drawn from ``[0,
-2**62)``, so streams do not overlap in practice). Building an ``LLM`` re-seeds the global RNGs
-(torch, numpy, ``random``) and, on CPU, replaces ``torch.set_num_threads`` with a no-op; every
-call into vLLM here restores the caller's RNG states, thread count and ``set_num_threads``, so
-the trainer's random stream is the same with or without this engine.
+**Reproducibility.** Every request gets a seed drawn from the caller's torch RNG (vLLM gives
+child ``i`` of an ``n``-sample request ``seed + i``; seeds are drawn from ``[0, 2**62)``, so
+streams do not overlap in practice): rollouts follow ``train.seed`` and resume exactly, as HF
+sampling does. Building an ``LLM`` re-seeds the global RNGs (torch, numpy, ``random``) and, on
+CPU, replaces ``torch.set_num_threads`` with a no-op; every call into vLLM here restores the
+caller's RNG states, thread count and ``set_num_threads``.
 
 **Weight sync.** ``sync_weights`` streams the trainer's tensors through a ``SyncPlan``
 (``weight_sync.py``: names, dtype cast, buckets) into vLLM's ``reload_weights``, which loads each
@@ -34,9 +48,16 @@ layer in checkpoint format and copies the result into the layer's existing stora
 the engine-side encoder cache (vision embeddings of the old weights; without it the next
 generate fails with "Encoder cache miss") and the prefix cache (KV blocks of prompts computed
 with the old weights, otherwise reused for a repeated prompt). On CUDA it checks that no engine
-parameter moved (``data_ptr`` before and after: captured graphs stay valid). On CPU the check
-means nothing: vLLM's CPU backend repacks each linear weight into a oneDNN handle after loading
-and leaves the parameter itself empty, so the log-prob parity with the trainer is the test.
+parameter moved (``data_ptr`` before and after: captured CUDA graphs stay valid). On CPU the
+check means nothing: vLLM's CPU backend repacks each linear weight into a oneDNN handle after
+loading and leaves the parameter itself empty, so the log-prob parity with the trainer is the
+test.
+
+**Sleep** (``rollout.vllm.sleep``; CUDA). Between a ``sample`` and the next sync the engine
+sleeps at level 1 (weights offloaded to host memory, KV cache released), so the update has the
+device memory. The sync wakes it in the order weights -> load -> KV cache: the weights come back
+at their old addresses (vLLM's memory pool keeps the virtual addresses), the new ones are loaded
+into them, and only then is the KV cache re-allocated.
 """
 
 from __future__ import annotations
@@ -46,16 +67,19 @@ import json
 import logging
 import os
 import random
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from ..models.policy import Prompts
+from ..config import RolloutConfig
+from ..models.policy import Policy, Prompts
 from . import vllm_cpu
 from .base import RolloutEngine, Rollouts
-from .weight_sync import SyncPlan, TensorSpec, checkpoint_specs
+from .weight_sync import SyncPlan, checkpoint_specs, named_specs
 
 INSTALL_HINT = (
     "VLLMRollout needs vLLM: on a GPU machine `pip install -e '.[vllm]'` (with the CUDA torch that vLLM pins); "
@@ -63,21 +87,6 @@ INSTALL_HINT = (
 )
 
 SUPPRESS_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]
-
-_DEFAULTS = {
-    "n": 4,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "max_new_tokens": 48,
-    "eval_max_new_tokens": 48,
-    "dtype": "float32",
-    "max_model_len": 1024,
-    "kv_cache_space_gib": 1.0,  # CPU: KV cache size
-    "gpu_memory_utilization": 0.3,  # GPU: share of device memory for weights + KV cache (colocated with training)
-    "enforce_eager": True,
-    "seed": 0,
-    "bucket_bytes": 256 << 20,  # weight sync: bytes (engine dtype) per reload call
-}
 
 # Loggers of vLLM's in-place reload: a bucketed sync loads a subset of layers per call, and
 # they warn about every layer left out of that call. The plan checked coverage beforehand.
@@ -92,10 +101,11 @@ def _import_vllm():
     return vllm
 
 
-def _setting(cfg: Any, key: str):
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, _DEFAULTS[key])
-    return getattr(cfg, key, _DEFAULTS[key])
+def _add_video_processor(path: Path) -> None:
+    """Give ``processor_config.json`` at ``path`` the ``video_processor`` entry vLLM's processor needs."""
+    config = json.loads(path.read_text())
+    config.setdefault("video_processor", {"video_processor_type": "Qwen2VLVideoProcessor"})
+    path.write_text(json.dumps(config, indent=2))
 
 
 def export_checkpoint(model, processor, out_dir: str | Path) -> Path:
@@ -111,10 +121,22 @@ def export_checkpoint(model, processor, out_dir: str | Path) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     processor.tokenizer.save_pretrained(out_dir)
-    path = out_dir / "processor_config.json"
-    config = json.loads(path.read_text())
-    config.setdefault("video_processor", {"video_processor_type": "Qwen2VLVideoProcessor"})
-    path.write_text(json.dumps(config, indent=2))
+    _add_video_processor(out_dir / "processor_config.json")
+    return out_dir
+
+
+def link_checkpoint(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """``out_dir`` as a view of the checkpoint ``model_dir`` that vLLM can load: a symbolic link
+    to each of its entries, except ``processor_config.json``, which is copied with the video
+    processor entry added (``export_checkpoint``). Nothing is copied from the weights."""
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for entry in model_dir.iterdir():
+        if entry.name == "processor_config.json":
+            (out_dir / entry.name).write_text(entry.read_text())
+            _add_video_processor(out_dir / entry.name)
+        else:
+            (out_dir / entry.name).symlink_to(entry)
     return out_dir
 
 
@@ -169,45 +191,81 @@ def _collapse_image_pads(ids: Sequence[int], image_token_id: int) -> list[int]:
     return out
 
 
+_open: list[VLLMRollout] = []  # the process's open engine (module docstring)
+
+
 class VLLMRollout(RolloutEngine):
-    def __init__(self, model_dir: str | Path, tokenizer, cfg: Any):
-        """``model_dir``: a checkpoint written by ``export_checkpoint``; ``tokenizer``: the policy's (for
-        ``<|im_end|>``); ``cfg``: a mapping or an object with the keys of ``_DEFAULTS`` (missing ones
-        take those defaults)."""
+    def __init__(self, model_dir: str | Path, tokenizer, cfg: RolloutConfig):
+        """``model_dir``: a checkpoint vLLM can load (``export_checkpoint`` / ``link_checkpoint``), read
+        here (weights, processor, and the tensor names the sync plan checks against); ``tokenizer``:
+        the policy's (for ``<|im_end|>``); ``cfg``: sampling settings and ``cfg.vllm``."""
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 
-        self.model_dir = Path(model_dir)
-        _check_processor_config(self.model_dir)
-        self.cfg = {k: _setting(cfg, k) for k in _DEFAULTS}
+        model_dir = Path(model_dir)
+        _check_processor_config(model_dir)
+        self.cfg, v = cfg, cfg.vllm
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if vllm_cpu.apply_torchvision_cpu_shim():
-            vllm_cpu.inspect_models_in_process(json.loads((self.model_dir / "config.json").read_text())["architectures"])
+            vllm_cpu.inspect_models_in_process(json.loads((model_dir / "config.json").read_text())["architectures"])
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: tensors pass by reference
-        memory = (
-            {"kv_cache_memory_bytes": int(self.cfg["kv_cache_space_gib"] * (1 << 30))}
-            if current_platform.is_cpu()
-            else {"gpu_memory_utilization": self.cfg["gpu_memory_utilization"]}
-        )
+        gpu = current_platform.is_cuda_alike()
+        self.sleep_mode = current_platform.is_sleep_mode_available() if v.sleep is None else v.sleep
+        if self.sleep_mode and not current_platform.is_sleep_mode_available():
+            raise ValueError(f"rollout.vllm.sleep: vLLM's sleep mode is not available on {current_platform.device_name}")
+        options = {"gpu_memory_utilization": v.gpu_memory_utilization} if gpu else {
+            "kv_cache_memory_bytes": int(v.kv_cache_space_gib * (1 << 30))}  # fmt: skip
+        if dist.is_initialized() and dist.get_world_size() > 1:  # torchrun: join its world (module docstring)
+            options["distributed_executor_backend"] = "external_launcher"
+            if _open:
+                raise RuntimeError("a torchrun process holds one vLLM engine: closing one destroys the process "
+                                   "group vLLM shares with the trainer")  # fmt: skip
+        for engine in _open:
+            engine.close()
         with _caller_state():
-            self.llm = vllm.LLM(
-                model=str(self.model_dir),
-                dtype=self.cfg["dtype"],
-                max_model_len=self.cfg["max_model_len"],
-                enforce_eager=self.cfg["enforce_eager"],
+            self._llm = vllm.LLM(
+                model=str(model_dir),
+                dtype=v.dtype if v.dtype != "auto" else ("bfloat16" if gpu else "float32"),
+                max_model_len=v.max_model_len,
+                enforce_eager=not gpu if v.enforce_eager is None else v.enforce_eager,
+                enable_sleep_mode=self.sleep_mode,
                 limit_mm_per_prompt={"image": 1, "video": 0},
                 logprobs_mode="processed_logprobs",
-                seed=self.cfg["seed"],
-                **memory,
+                seed=0,  # every request carries its own seed (module docstring)
+                **options,
             )
         hf = self.llm.llm_engine.model_config.hf_config
         self.image_token_id = hf.image_token_id
         self.suppressed = [hf.image_token_id, hf.video_token_id, hf.vision_start_token_id, hf.vision_end_token_id]
         self.dtype = self.llm.llm_engine.model_config.dtype
-        self._seeds = torch.Generator().manual_seed(self.cfg["seed"])
-        self._engine_specs = checkpoint_specs(self.model_dir)
+        self._engine_specs = checkpoint_specs(model_dir)
         self._plan: SyncPlan | None = None
-        self._check_storage = torch.cuda.is_available()
+        self._check_storage = gpu
+        self._asleep = False
+        _open.append(self)
+
+    @property
+    def llm(self):
+        """The ``vllm.LLM``; raises once the engine is closed."""
+        if self._llm is None:
+            raise RuntimeError("this vLLM engine was closed (a process holds one; a newer one replaced it)")
+        return self._llm
+
+    def close(self) -> None:
+        """Shut the engine down and release its memory; vLLM's parallel state goes with it."""
+        if self._llm is not None:
+            self._llm.llm_engine.engine_core.shutdown()
+            self._llm = None
+            _open.remove(self)
+
+    @classmethod
+    def from_policy(cls, policy: Policy, model_dir: str | Path, cfg: RolloutConfig) -> VLLMRollout:
+        """An engine over the checkpoint ``model_dir`` the policy was loaded from (through links,
+        ``link_checkpoint``), holding the policy's current weights (synced in)."""
+        with tempfile.TemporaryDirectory(prefix="visurf-vllm-") as tmp:
+            engine = cls(link_checkpoint(model_dir, tmp), policy.tokenizer, cfg)
+        engine.sync_weights(policy.model.named_parameters(remove_duplicate=False))  # tied aliases seen once
+        return engine
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -221,6 +279,7 @@ class VLLMRollout(RolloutEngine):
         return reqs
 
     def _generate(self, prompts: Prompts, params: list, completions=None) -> list:
+        self._wake()
         with _caller_state():
             outs = self.llm.generate(self._requests(prompts, completions), params, use_tqdm=False)
         for i, out in enumerate(outs):
@@ -242,25 +301,22 @@ class VLLMRollout(RolloutEngine):
             **kwargs,
         )
 
-    def _seed(self) -> int:
-        return int(torch.randint(0, 2**62, (), generator=self._seeds))
-
     def sample(self, prompts: Prompts, n: int | None = None) -> Rollouts:
-        """``n`` (default ``cfg.n``) sampled completions per prompt and their sampling log-probs."""
-        n = self.cfg["n"] if n is None else n
+        """``n`` (default ``cfg.n``) sampled completions per prompt and their sampling log-probs; the
+        engine then sleeps until the next sync (``sleep_mode``)."""
+        r = self.cfg
+        n = r.n if n is None else n
         params = [
-            self._params(
-                n=n,
-                temperature=self.cfg["temperature"],
-                top_p=self.cfg["top_p"],
-                max_tokens=self.cfg["max_new_tokens"],
-                logprobs=0,
-                seed=self._seed(),
-            )
+            self._params(n=n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens, logprobs=0,
+                         seed=int(torch.randint(0, 2**62, ())))  # fmt: skip
             for _ in range(len(prompts))
         ]
         tokens, logprobs = [], []
-        for out in self._generate(prompts, params):
+        outs = self._generate(prompts, params)
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+            self._asleep = True
+        for out in outs:
             samples = sorted(out.outputs, key=lambda c: c.index)
             tokens.append([list(c.token_ids) for c in samples])
             logprobs.append(
@@ -273,7 +329,7 @@ class VLLMRollout(RolloutEngine):
 
     def greedy(self, prompts: Prompts) -> list[list[int]]:
         """One greedy completion per prompt (evaluation), at most ``cfg.eval_max_new_tokens`` tokens."""
-        params = self._params(temperature=0.0, max_tokens=self.cfg["eval_max_new_tokens"])
+        params = self._params(temperature=0.0, max_tokens=self.cfg.eval_max_new_tokens)
         return [list(out.outputs[0].token_ids) for out in self._generate(prompts, [params] * len(prompts))]
 
     def score(self, prompts: Prompts, completions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
@@ -292,32 +348,36 @@ class VLLMRollout(RolloutEngine):
     # ---- weight sync --------------------------------------------------------------------
 
     def _build_plan(self, named: list[tuple[str, torch.Tensor]]) -> SyncPlan:
-        specs, aliases, first = {}, {}, {}
-        for name, t in named:
-            if id(t) in first:
-                aliases[name] = first[id(t)]
-            else:
-                first[id(t)] = name
-                specs[name] = TensorSpec(tuple(t.shape), t.dtype)
-        return SyncPlan.build(specs, self._engine_specs, dtype=self.dtype, bucket_bytes=self.cfg["bucket_bytes"], aliases=aliases)
+        specs, aliases = named_specs(named)
+        return SyncPlan.build(specs, self._engine_specs, dtype=self.dtype, bucket_bytes=self.cfg.vllm.bucket_bytes,
+                              aliases=aliases)  # fmt: skip
 
     def _storage(self) -> dict[str, int]:
         return self.llm.apply_model(lambda model: {n: p.data_ptr() for n, p in model.named_parameters()})[0]
 
+    def _wake(self, tags: list[str] | None = None) -> None:
+        """Wake the sleeping engine: the memory of ``tags`` (``weights``, ``kv_cache``), or all of it."""
+        if self._asleep:
+            self._asleep = not self.llm.wake_up(tags)
+
     def _reload(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the tensors in place and reset the encoder cache (the prefix cache is left alone)."""
+        """Load the tensors in place and reset the encoder cache (the prefix cache is left alone);
+        a sleeping engine gets its weights back first and its KV cache after (module docstring)."""
         named = list(named_tensors)
         if self._plan is None:
             self._plan = self._build_plan(named)
+        self._wake(["weights"])
         before = self._storage() if self._check_storage else None
         with _caller_state(), _quiet(_RELOAD_LOGGERS), torch.no_grad():
             for batch in self._plan.batches(named):
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(batch), "is_checkpoint_format": True})
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_iterator": iter(batch), "is_checkpoint_format": True})  # fmt: skip
         if before is not None:
             after = self._storage()
             if moved := sorted(n for n in before if after.get(n) != before[n]):
                 raise RuntimeError(f"weight sync moved engine parameters to new storage: {moved}")
         self.llm.llm_engine.reset_encoder_cache()
+        self._wake(["kv_cache"])
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the trainer's parameters (transformers in-memory names, e.g. ``model.named_parameters()``) into vLLM.

@@ -58,18 +58,24 @@ def checkpoint_name(name: str) -> str:
     return name
 
 
-def module_specs(model: torch.nn.Module) -> tuple[dict[str, TensorSpec], dict[str, str]]:
-    """``(specs, aliases)`` of a trainer module: every parameter once, and each tied alias -> its source name."""
+def named_specs(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """``(specs, aliases)`` of named trainer tensors: every tensor once, and each tied alias (a later
+    name of the same tensor object) -> its source name."""
     specs: dict[str, TensorSpec] = {}
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
+    for name, t in named:
+        if id(t) in first:
+            aliases[name] = first[id(t)]
             continue
-        first[id(p)] = name
-        specs[name] = TensorSpec(tuple(p.shape), p.dtype)
+        first[id(t)] = name
+        specs[name] = TensorSpec(tuple(t.shape), t.dtype)
     return specs, aliases
+
+
+def module_specs(model: torch.nn.Module) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """``named_specs`` of a module's parameters, tied ones included."""
+    return named_specs(model.named_parameters(remove_duplicate=False))
 
 
 def checkpoint_specs(model_dir: str | Path) -> dict[str, TensorSpec]:
@@ -148,18 +154,26 @@ class SyncPlan:
             size += nbytes
         return cls(buckets=buckets, aliases=aliases, dtype=dtype, bucket_bytes=bucket_bytes)
 
-    def batches(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """One ``[(engine_name, tensor in the engine dtype)]`` list per bucket, cast lazily bucket by bucket.
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every ``(trainer_name, engine_name)``, bucket after bucket."""
+        return [pair for bucket in self.buckets for pair in bucket]
 
-        ``named_tensors`` must hold every planned trainer name (aliases may be present and are skipped).
-        """
+    def tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The planned trainer tensors by name; ``named_tensors`` must hold every planned name
+        (aliases may be present and are skipped) and no other."""
         tensors = {name: t for name, t in named_tensors if name not in self.aliases}
-        planned = {t for bucket in self.buckets for t, _ in bucket}
+        planned = {t for t, _ in self.pairs}
         if set(tensors) != planned:
             raise ValueError(
                 f"weight sync: tensors differ from the plan; missing {sorted(planned - set(tensors))}, "
                 f"unplanned {sorted(set(tensors) - planned)}"
             )
+        return tensors
+
+    def batches(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """One ``[(engine_name, tensor in the engine dtype)]`` list per bucket, cast lazily bucket by bucket."""
+        tensors = self.tensors(named_tensors)
         for bucket in self.buckets:
             yield [(target, tensors[name].detach().to(self.dtype)) for name, target in bucket]
 

@@ -5,7 +5,8 @@ tensor shard of the policy (``model.QwenVLMegatron``), loaded from the HF model 
 ``convert.hf_to_megatron`` and wrapped in megatron-core's ``DistributedDataParallel``. The HF
 model stays the rollout / evaluation / scoring replica; ``export_weights`` streams the trained
 weights back under HF names (``convert.megatron_to_hf``, gathered over the tensor group,
-broadcast over the pipeline group) for the weight sync, which is also the checkpoint format.
+broadcast over the pipeline group) into the HF replica, for the weight sync, which is also the
+checkpoint format.
 The ranks of one model-parallel group train on the same members (``share``).
 
 One optimizer step over micro-batches ``m = 1..M`` (``forward_backward`` then ``step``):
@@ -84,7 +85,13 @@ class MegatronLearner(Learner):
 
     @torch.no_grad()
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The current weights under the HF model's ``state_dict`` names, on every rank."""
+        """The current weights under the HF model's ``state_dict`` names, on every rank.
+
+        Each gathered tensor is written into the HF replica's own tensor, which is what is yielded:
+        the replica (scoring, checkpoints) is current after every export, a rollout engine that
+        generates with it finds its weights in place, and any other engine is fed from storage
+        whose addresses never change (what a CUDA-graph-captured sync needs).
+        """
         tp_group = parallel_state.get_tensor_model_parallel_group()
         shards = [{} for _ in range(self.layout.tp)]
         for name, p in self.module.named_parameters():
@@ -99,10 +106,11 @@ class MegatronLearner(Learner):
         pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
         for name, target in self.hf_model.state_dict(keep_vars=True).items():
             owner = self.layout.owner_stage(name)
-            value = mine[canonical_hf_name(name)] if owner == self.pp_rank else torch.empty_like(target)
+            if owner == self.pp_rank:
+                target.copy_(mine[canonical_hf_name(name)])
             if self.layout.pp > 1:
-                dist.broadcast(value, src=pp_ranks[owner], group=parallel_state.get_pipeline_model_parallel_group())
-            yield name, value
+                dist.broadcast(target.detach(), src=pp_ranks[owner], group=parallel_state.get_pipeline_model_parallel_group())
+            yield name, target
 
     def share(self, obj: Any) -> Any:
         return broadcast_from_model_parallel_source(obj)
@@ -159,6 +167,7 @@ class MegatronLearner(Learner):
         loss, stats = fused_policy_loss(
             hidden[pos[:, 1], pos[:, 0]], weight, x.batch.targets, x.old_logp, x.adv, x.w, self.spec, x.logprob_mask,
             ref_logp=x.ref_logp,
+            rollout_logp=x.rollout_logp,
             tp_group=parallel_state.get_tensor_model_parallel_group() if self.layout.tp > 1 else None,
             vocab_start=start,
         )  # fmt: skip
