@@ -1,0 +1,138 @@
+"""Why the forgetting probe's answers break: ``python scripts/diagnose_forgetting.py RUN_DIR [RUN_DIR ...]``.
+
+For the base model and the last checkpoint of each run directory (a ``train.output_dir``), on
+the probe split of the run's config (count / colour questions post-training never sees):
+
+- **greedy answers**, classified: ``correct``; ``wrong`` (well formed, wrong content);
+  ``think_leak`` (a ``<think>`` / ``</think>`` tag inside or after the answer: the grounding
+  template leaking in); ``unterminated`` (no ``</answer>``); ``other``;
+- **teacher-forced log-probs of the probe target** ``<answer>{solution}</answer><|im_end|>``,
+  per part: the opening tag, the content, the closing tag, the end of turn, and the entropy of
+  the policy at each part (the fused no-grad pass, as training scores);
+- **what replaces ``</answer>``**: the policy's most likely next token right after the
+  content (teacher-forced), counted over rows, and the share of rows whose top token is not
+  the closing tag's first token.
+
+Prints one table and writes ``forgetting.json`` next to each run's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model
+from visurf_kernels import LossSpec, fused_logprobs
+
+from visurf_engine import checkpoint as ckpt
+from visurf_engine.config import config_from_mapping
+from visurf_engine.eval.evaluate import greedy_completions
+from visurf_engine.models.hf import load_pretrained
+from visurf_engine.models.policy import Batching, Policy
+from visurf_engine.rollout.hf import HFRollout
+from visurf_engine.tasks import base_model_path
+from visurf_engine.tasks.shapes.probe import make_probe_split, probe_correct
+
+PARTS = ("open", "content", "close", "eos")
+
+
+def classify(text: str, solution: str) -> str:
+    if probe_correct(text, solution):
+        return "correct"
+    if "think>" in text:
+        return "think_leak"
+    if "</answer>" not in text:
+        return "unterminated"
+    return "wrong" if text.strip().startswith("<answer>") else "other"
+
+
+def part_slices(policy: Policy, solution: str) -> tuple[list[int], dict[str, slice]]:
+    """The target's token ids and the slice of each part (the tokenizer may merge across parts:
+    parts are located by decoding growing prefixes)."""
+    open_ids = policy.tokenizer("<answer>", add_special_tokens=False)["input_ids"]
+    body = policy.tokenizer(f"<answer>{solution}", add_special_tokens=False)["input_ids"]
+    full = policy.encode_text(f"<answer>{solution}</answer>")
+    n_open = len(open_ids) if body[: len(open_ids)] == open_ids else 0
+    return full, {"open": slice(0, n_open), "content": slice(n_open, len(body)),
+                  "close": slice(len(body), len(full) - 1), "eos": slice(len(full) - 1, len(full))}  # fmt: skip
+
+
+@torch.no_grad()
+def diagnose(policy: Policy, rows) -> dict:
+    texts = greedy_completions(policy, HFRollout(policy, _rollout_cfg()), rows)
+    kinds = Counter(classify(t, r.solution) for t, r in zip(texts, rows))
+    prompts = policy.encode([r.problem for r in rows], [r.image for r in rows])
+    targets, slices = zip(*(part_slices(policy, r.solution) for r in rows))
+    batch = policy.collate(prompts, range(len(rows)), list(targets), Batching())
+    hidden = policy.completion_hidden(batch)
+    logp, entropy = fused_logprobs(hidden, policy.lm_head_weight, batch.targets, LossSpec(with_entropy=True))
+    per_row = torch.split(torch.stack([logp, entropy], 1), batch.lengths.tolist())
+    parts = {p: {"logp": 0.0, "entropy": 0.0, "tokens": 0} for p in PARTS}
+    replaced, close_first = Counter(), 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), batch.lengths.cumsum(0)])
+    for k, (values, sl) in enumerate(zip(per_row, slices)):
+        for p in PARTS:
+            v = values[sl[p]]
+            parts[p]["logp"] += float(v[:, 0].sum())
+            parts[p]["entropy"] += float(v[:, 1].sum())
+            parts[p]["tokens"] += len(v)
+        at = int(offsets[k]) + sl["close"].start  # the hidden state that predicts the closing tag's first token
+        top = int((hidden[at] @ policy.lm_head_weight.T).argmax())
+        replaced[policy.tokenizer.decode([top])] += 1
+        close_first += top == targets[k][sl["close"].start]
+    summary = {p: {"logp_per_token": v["logp"] / max(v["tokens"], 1), "entropy": v["entropy"] / max(v["tokens"], 1)}
+               for p, v in parts.items()}  # fmt: skip
+    return {
+        "rows": len(rows), "greedy": {k: kinds[k] / len(rows) for k in ("correct", "wrong", "think_leak", "unterminated", "other")},
+        "target": summary, "top_after_content": dict(replaced.most_common(6)),
+        "close_not_top": 1 - close_first / len(rows), "examples": texts[:6],
+    }  # fmt: skip
+
+
+def _rollout_cfg():
+    from visurf_engine.config import RolloutConfig
+
+    return RolloutConfig(eval_max_new_tokens=24)
+
+
+def load_run(run: Path):
+    """``(config, policy at the run's last checkpoint, base policy)``."""
+    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    if latest is None:
+        raise SystemExit(f"{run}: no checkpoint (checkpoints/latest)")
+    cfg = config_from_mapping(json.loads((latest / "state.json").read_text())["config"])
+    base = base_model_path(cfg)
+    model, processor = load_pretrained(base)
+    load_model(model, str(latest / "model.safetensors"), strict=True)
+    base_model, _ = load_pretrained(base)
+    return cfg, Policy(model.eval(), processor), Policy(base_model.eval(), processor)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    args = ap.parse_args(argv)
+    results = {}
+    for run in args.runs:
+        cfg, policy, base = load_run(run)
+        rows = make_probe_split(cfg.data.probe_size, seed=cfg.data.seed + 1)
+        if "base" not in results:
+            results["base"] = diagnose(base, rows)
+        results[str(run)] = diagnose(policy, rows)
+        (run / "forgetting.json").write_text(json.dumps({"base": results["base"], "final": results[str(run)]}, indent=1))
+    print(f"{'model':40s} {'correct':>7s} {'leak':>6s} {'unterm':>6s} {'lp open':>8s} {'lp cont':>8s} {'lp close':>8s} "
+          f"{'H close':>7s} {'close!top':>9s}  top after content")  # fmt: skip
+    for name, r in results.items():
+        g, t = r["greedy"], r["target"]
+        print(f"{name[-40:]:40s} {g['correct']:7.2f} {g['think_leak']:6.2f} {g['unterminated']:6.2f} "
+              f"{t['open']['logp_per_token']:8.3f} {t['content']['logp_per_token']:8.3f} {t['close']['logp_per_token']:8.3f} "
+              f"{t['close']['entropy']:7.3f} {r['close_not_top']:9.2f}  {r['top_after_content']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
