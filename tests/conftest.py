@@ -9,14 +9,29 @@ Without a GPU the Triton kernels can only run in Triton's interpreter, and
 import of any module that defines kernels — possibly transformers, long before the Triton
 tests are collected. Setting it here, before any test module imports anything, makes the
 order of test files irrelevant.
+
+``cache``: a warm-start cache holding the base model of ``engine_testing.runs.SMALL``, built
+once per session for every test that runs the tiny end to end.
 """
 
 import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    from engine_testing.runs import SMALL
+    from visurf_engine.config import load_config
+    from visurf_engine.tasks import prepare_base_model
+
+    root = str(tmp_path_factory.mktemp("base-cache"))
+    prepare_base_model(load_config(None, SMALL + [f"warmstart.cache_dir={root}"]), progress=False)
+    return root

@@ -10,46 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from visurf_engine.config import load_config
+from engine_testing.runs import SMALL, small_cfg
 from visurf_engine.learners import HFLearner
-from visurf_engine.rewards import REWARDS, GroundingReward, register
-from visurf_engine.tasks import prepare_base_model
 from visurf_engine.train import main
 from visurf_engine.trainer import Trainer
-
-
-class VariedGrounding(GroundingReward):
-    """Grounding whose non-repeat component is replaced by a length score, so rollouts of a
-    barely trained model still differ in reward and every RL step has a gradient."""
-
-    name = "grounding_varied"
-
-    def score(self, completion, solution):
-        return super().score(completion, solution) | {"non_repeat": min(1.0, len(completion) / 100)}
-
-
-if VariedGrounding.name not in REWARDS:
-    register(VariedGrounding())
-
-SMALL = [
-    "data.train_size=24", "data.eval_size=4",
-    "warmstart.steps=3", "warmstart.batch_size=4", "warmstart.train_size=48",
-    "rollout.n=3", "rollout.max_new_tokens=12", "rollout.eval_max_new_tokens=12",
-    "train.batch_size=2", "train.micro_batch_size=3", "train.progress=false", "loss.backend=reference",
-    "data.reward=grounding_varied",
-]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A cache directory holding the small settings' base model (built once, here)."""
-    root = str(tmp_path_factory.mktemp("base-cache"))
-    prepare_base_model(load_config(None, SMALL + [f"warmstart.cache_dir={root}"]), progress=False)
-    return root
-
-
-def small_cfg(cache, out, *extra):
-    return load_config(None, SMALL + [f"warmstart.cache_dir={cache}", f"train.output_dir={out}", *extra])
 
 
 @pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "sft_then_rlvr"])

@@ -118,6 +118,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     eval_every: int = 100  # 0: only at the end
     save_every: int = 50
+    keep_checkpoints: int = 2  # the newest checkpoints kept on disk
     resume: bool = False
     progress: bool = True
 
@@ -224,6 +225,7 @@ def validate(cfg: Config) -> Config:
         "train.batch_size": t.batch_size,
         "train.micro_batch_size": t.micro_batch_size,
         "train.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
+        "train.keep_checkpoints": t.keep_checkpoints,
         "rollout.n": r.n,
         "rollout.max_new_tokens": r.max_new_tokens,
         "algo.updates_per_step": a.updates_per_step,

@@ -70,10 +70,10 @@ class Trainer:
         self.sampler = PromptSampler(len(self.data.train), t.seed)
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.start_step, self.base_eval = 0, None
+        self.start_step, self.base_eval, self.final_eval = 0, None, None
         self._resume()
-        self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume=self.start_step > 0)
-        if self.data.skipped:
+        self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume_step=self.start_step or None)
+        if self.data.skipped and not self.start_step:
             self.metrics.log(0, {"data/skipped_rows": self.data.skipped})
 
     def _resume(self) -> None:
@@ -90,6 +90,8 @@ class Trainer:
         self.learner.load_optimizer_state(optimizer_state)
         self.sampler.load(state["sampler"])
         self.start_step, self.base_eval = state["step"], state.get("base_eval")
+        if self.start_step == self.cfg.train.steps:
+            self.final_eval = state.get("final_eval")
         log.info("resumed from %s at step %d", latest, self.start_step)
 
     # -- one step -------------------------------------------------------------------------
@@ -208,12 +210,20 @@ class Trainer:
         return result
 
     def save(self, step: int) -> None:
-        state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval, "config": self.cfg.to_dict()}
+        """Checkpoint ``step``, after making the metrics logged so far durable (``telemetry``)."""
+        state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval,
+                 "final_eval": self.final_eval, "config": self.cfg.to_dict()}  # fmt: skip
+        self.metrics.sync()
         ckpt.save(self.ckpt_root, step, self.policy.model, self.learner.optimizer_state(), state, self.world,
-                  sharded_optimizer=self.learner.sharded_optimizer)  # fmt: skip
+                  sharded_optimizer=self.learner.sharded_optimizer, keep=self.cfg.train.keep_checkpoints)  # fmt: skip
 
     def run(self) -> dict[str, dict[str, float]]:
-        """Train to ``train.steps``; returns ``{"base": ..., "final": ...}`` held-out metrics."""
+        """Train to ``train.steps``; returns ``{"base": ..., "final": ...}`` held-out metrics.
+
+        At step N the order is: train line, evaluation line (the final evaluation at the last
+        step), checkpoint; so checkpoint N holds everything logged at steps <= N and nothing
+        later, the rule a resumed run's metrics are cut back by (``telemetry``).
+        """
         t = self.cfg.train
         if self.base_eval is None:
             self.base_eval = self.evaluate()
@@ -228,11 +238,15 @@ class Trainer:
             self.metrics.log(step + 1, m)
             bar.set_postfix(reward=f"{m.get('reward/rollout_mean', float('nan')):.2f}", loss=f"{m['loss']:.3f}")
             done = step + 1
-            if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            if done == t.steps:
+                self.final_eval = self.evaluate()
+                self.metrics.log(done, {f"eval/{k}": v for k, v in self.final_eval.items()})
+            elif t.eval_every and done % t.eval_every == 0:
                 self.metrics.log(done, {f"eval/{k}": v for k, v in self.evaluate().items()})
             if t.save_every and done % t.save_every == 0 or done == t.steps:
                 self.save(done)
-        final = self.evaluate()
-        self.metrics.log(t.steps, {f"eval/{k}": v for k, v in final.items()})
+        if self.final_eval is None:  # resumed at train.steps from a checkpoint of a longer run
+            self.final_eval = self.evaluate()
+            self.metrics.log(t.steps, {f"eval/{k}": v for k, v in self.final_eval.items()})
         self.metrics.close()
-        return {"base": self.base_eval, "final": final}
+        return {"base": self.base_eval, "final": self.final_eval}
