@@ -27,7 +27,7 @@ def _args(cache, out, *extra):
 
 
 def _train(cache, out, *extra):
-    proc = run_script("killed_run", *_args(cache, out, *extra))
+    proc = run_script("train", *_args(cache, out, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -44,7 +44,7 @@ def uninterrupted(cache, tmp_path_factory):
 
 @pytest.mark.parametrize("where", ["files", "publish"])
 def test_killed_in_checkpoint_write_resumes_exactly_and_logs_each_step_once(cache, uninterrupted, tmp_path, where):
-    proc = run_script("killed_run", f"--kill=3:{where}", *_args(cache, tmp_path))
+    proc = run_script("train", f"--kill=3:{where}", *_args(cache, tmp_path))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000002"
     assert [m["step"] for m in _lines(tmp_path) if "loss" in m] == [1, 2, 3]  # step 3 was logged, not saved

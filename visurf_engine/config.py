@@ -114,6 +114,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    max_skipped_steps: int = 5  # consecutive optimizer steps skipped for a non-finite loss / grad norm before the run stops
     seed: int = 0
     output_dir: str = "runs/default"
     eval_every: int = 100  # 0: only at the end
@@ -226,6 +227,7 @@ def validate(cfg: Config) -> Config:
         "train.micro_batch_size": t.micro_batch_size,
         "train.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
         "train.keep_checkpoints": t.keep_checkpoints,
+        "train.max_skipped_steps": t.max_skipped_steps,
         "rollout.n": r.n,
         "rollout.max_new_tokens": r.max_new_tokens,
         "algo.updates_per_step": a.updates_per_step,

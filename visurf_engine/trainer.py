@@ -11,11 +11,18 @@ Data parallel: each rank takes 1/dp of the step's prompts (dp: the learner's dat
 view of the world), the loss weights are normalised over the global batch, and the ranks of
 one model-parallel replica train on the same members (``learner.share``). The model to
 post-train must exist (``tasks.prepare_base_model``): building a trainer never trains.
+
+Non-finite guard: an optimizer step whose loss or grad norm is non-finite is skipped on every
+rank (``Learner.step``); the trainer counts it (``train/skipped_steps``, cumulative, kept in
+checkpoints), warns with the step and the members' sample ids, and after
+``train.max_skipped_steps`` consecutive skips stops with ``NonFiniteError`` before the step is
+checkpointed, so the last checkpoint is one from before the failure.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,6 +49,10 @@ from .tasks.shapes.probe import probe_row_metrics
 from .telemetry import MetricsLogger, PhaseTimer
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """``train.max_skipped_steps`` consecutive optimizer steps had a non-finite loss or grad norm."""
 
 
 class Trainer:
@@ -71,6 +82,7 @@ class Trainer:
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.start_step, self.base_eval, self.final_eval = 0, None, None
+        self.skips = {"total": 0, "consecutive": 0}  # skipped optimizer steps (non-finite guard)
         self._resume()
         self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume_step=self.start_step or None)
         if self.data.skipped and not self.start_step:
@@ -90,6 +102,7 @@ class Trainer:
         self.learner.load_optimizer_state(optimizer_state)
         self.sampler.load(state["sampler"])
         self.start_step, self.base_eval = state["step"], state.get("base_eval")
+        self.skips = state.get("skips", self.skips)
         if self.start_step == self.cfg.train.steps:
             self.final_eval = state.get("final_eval")
         log.info("resumed from %s at step %d", latest, self.start_step)
@@ -128,7 +141,7 @@ class Trainer:
                                 gold_logprob_loss=phase.gold_logprob_loss(a.gold_loss))  # fmt: skip
         members = self.learner.share(members)
         with timer("update"):
-            m |= self._update(prompts, members)
+            m |= self._update(step, prompts, members, members.labels([r.id for r in rows]))
         with timer("sync"):
             self.rollout.sync_weights(self.learner.export_weights())
         lengths = members.lengths.numpy()
@@ -167,8 +180,8 @@ class Trainer:
             rewards = GroupRewards(len(rows), rewards.rollout, gold.rewards, gold.smoothed)
         return [self.policy.encode_text(t) for t in gold.texts], rewards, m, gold.failures
 
-    def _update(self, prompts: Prompts, members: Members) -> dict[str, float]:
-        """``algo.updates_per_step`` optimizer steps over ``members``, in micro-batches."""
+    def _update(self, step: int, prompts: Prompts, members: Members, labels: list[str]) -> dict[str, float]:
+        """``algo.updates_per_step`` optimizer steps over ``members`` (sample ids ``labels``), in micro-batches."""
         cfg, a = self.cfg, self.cfg.algo
         if a.updates_per_step > 1:  # later mini-batches are off-policy: keep the pre-update log-probs
             old = self.policy.logprobs(prompts, members.prompt.tolist(), members.tokens,
@@ -183,18 +196,33 @@ class Trainer:
             tokens = (part.lengths + torch.tensor([len(prompts.input_ids[p]) for p in part.prompt.tolist()])).tolist()
             micro = [(part.select(r), weights[r.start : r.stop]) for r in self.batching.split(tokens)]
             batches = [make_micro_batch(self.policy, prompts, x, w, self.batching) for x, w in micro]
+            finite = True
             for (x, _), (loss, stats) in zip(micro, self.learner.forward_backward(batches)):
                 rollout_tok = per_token(~x.gold, x.lengths).to(stats["logp"].device)
+                finite &= math.isfinite(loss.item())
                 sums["loss"] += loss.item()
                 sums["clipped"] += stats["clipped"].float().sum().item()
                 sums["tokens"] += float(x.lengths.sum())
                 sums["entropy"] += stats["entropy"][rollout_tok].sum().item()
                 sums["rollout_tokens"] += rollout_tok.sum().item()
-            sums["grad_norm"] += self.learner.step(cfg.train.grad_clip)
+            update = self.learner.step(cfg.train.grad_clip, loss_finite=finite)
+            sums["grad_norm"] += update.grad_norm
+            self._count_skip(step, update.skipped, update.grad_norm, [labels[j] for j in chunk])
         n = a.updates_per_step
         out = {"loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n, "clip_frac": sums["clipped"] / max(sums["tokens"], 1)}
         out["entropy"] = sums["entropy"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
-        return out
+        return out | {"train/skipped_steps": self.skips["total"]}
+
+    def _count_skip(self, step: int, skipped: bool, grad_norm: float, labels: list[str]) -> None:
+        """Count an optimizer step of ``step`` the guard skipped, naming its members on this rank."""
+        if not skipped:
+            self.skips["consecutive"] = 0
+            return
+        self.skips["total"] += 1
+        self.skips["consecutive"] += 1
+        log.warning("step %d: non-finite loss or grad norm (%s): optimizer step skipped (%d in a row, %d in the run); "
+                    "members on rank %d: %s", step + 1, grad_norm, self.skips["consecutive"], self.skips["total"],
+                    self.world.rank, ", ".join(labels))  # fmt: skip
 
     # -- the run --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -212,7 +240,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Checkpoint ``step``, after making the metrics logged so far durable (``telemetry``)."""
         state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval,
-                 "final_eval": self.final_eval, "config": self.cfg.to_dict()}  # fmt: skip
+                 "final_eval": self.final_eval, "skips": self.skips, "config": self.cfg.to_dict()}  # fmt: skip
         self.metrics.sync()
         ckpt.save(self.ckpt_root, step, self.policy.model, self.learner.optimizer_state(), state, self.world,
                   sharded_optimizer=self.learner.sharded_optimizer, keep=self.cfg.train.keep_checkpoints)  # fmt: skip
@@ -238,6 +266,15 @@ class Trainer:
             self.metrics.log(step + 1, m)
             bar.set_postfix(reward=f"{m.get('reward/rollout_mean', float('nan')):.2f}", loss=f"{m['loss']:.3f}")
             done = step + 1
+            if self.skips["consecutive"] >= t.max_skipped_steps:
+                self.metrics.close()
+                raise NonFiniteError(
+                    f"{self.skips['consecutive']} consecutive optimizer steps (the last in step {done}) had a non-finite "
+                    f"loss or grad norm (train.max_skipped_steps={t.max_skipped_steps}); the warnings above name their "
+                    f"members. Stopped before checkpointing; the last checkpoint, "
+                    f"{ckpt.latest_checkpoint(self.ckpt_root) or '(none yet)'}, is intact: fix the cause and resume "
+                    "with train.resume=true"
+                )
             if done == t.steps:
                 self.final_eval = self.evaluate()
                 self.metrics.log(done, {f"eval/{k}": v for k, v in self.final_eval.items()})

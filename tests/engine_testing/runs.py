@@ -1,14 +1,24 @@
-"""Tiny end-to-end runs: the small settings, the reward they train on, and a run in a fresh
-process (``python -m engine_testing.<script>`` with ``tests/`` on ``PYTHONPATH``; the scripts
-run ``visurf_engine.train.main`` with a fault injected from outside the product)."""
+"""Tiny end-to-end runs: the small settings, the reward they train on, test paradigms that
+inject faults, and a run in a fresh process (``python -m engine_testing.<script>`` with
+``tests/`` on ``PYTHONPATH``; ``engine_testing.train`` runs ``visurf_engine.train.main``).
+
+Fault paradigms (ViSurf, except that rank 0's advantages are NaN in the steps named, so its
+loss and, after the all-reduce, every rank's gradients are non-finite):
+``visurf_nan_at_2`` (step 2 only), ``visurf_nan_from_2`` (step 2 on).
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from visurf_engine.algo.paradigms import PARADIGMS, VISURF, Paradigm, register_paradigm
 from visurf_engine.config import load_config
 from visurf_engine.rewards import REWARDS, GroundingReward, register
 
@@ -27,6 +37,21 @@ class VariedGrounding(GroundingReward):
 
 if VariedGrounding.name not in REWARDS:
     register(VariedGrounding())
+
+def _nan_on_rank0(rewards, **kw):
+    rollout, gold = VISURF.advantages(rewards, **kw)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        rollout, gold = torch.full_like(rollout, float("nan")), torch.full_like(gold, float("nan"))
+    return rollout, gold
+
+
+NAN_PHASE = replace(VISURF, name="visurf_nan", advantages=_nan_on_rank0)
+for _paradigm in (
+    Paradigm("visurf_nan_at_2", lambda step, sft_steps: NAN_PHASE if step == 1 else VISURF),
+    Paradigm("visurf_nan_from_2", lambda step, sft_steps: NAN_PHASE if step >= 1 else VISURF),
+):
+    if _paradigm.name not in PARADIGMS:
+        register_paradigm(_paradigm)
 
 SMALL = [
     "data.train_size=24", "data.eval_size=4",

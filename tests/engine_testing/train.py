@@ -1,5 +1,5 @@
-"""``python -m engine_testing.killed_run [--kill=STEP:WHERE] key=value ...``: a training run
-(``visurf_engine.train.main``, with the test rewards registered) that SIGKILLs itself, as the
+"""``python -m engine_testing.train [--kill=STEP:WHERE] key=value ...``: a training run
+(``visurf_engine.train.main``, with the test rewards and paradigms registered) that SIGKILLs itself, as the
 OOM killer would, inside the checkpoint write of step STEP (``tests/test_crash_safety.py``);
 without ``--kill`` a plain run. WHERE:
 
@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-import engine_testing.runs  # noqa: F401  (registers the SMALL settings' reward)
+import engine_testing.runs  # noqa: F401  (registers the test rewards and paradigms)
 from visurf_engine import checkpoint
 from visurf_engine.train import main
 
