@@ -15,13 +15,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from engine_testing.runs import SMALL, run_script, small_cfg
+from engine_testing.runs import FAULT_PARADIGMS, SMALL, run_script, small_cfg
+from visurf_engine.algo.paradigms import PARADIGMS
 from visurf_engine.learners.base import Learner
 from visurf_engine.parallel.data_parallel import World
 from visurf_engine.trainer import NonFiniteError, Trainer
 
 RUN = ["algo.paradigm=visurf_nan_at_2", "train.steps=3", "train.save_every=1", "train.keep_checkpoints=3",
        "data.probe_size=0"]  # fmt: skip
+
+
+@pytest.fixture
+def fault_paradigms(monkeypatch):
+    """The fault paradigms, registered for one test."""
+    for paradigm in FAULT_PARADIGMS:
+        monkeypatch.setitem(PARADIGMS._items, paradigm.name, paradigm)
 
 
 def _train_lines(out):
@@ -40,7 +48,7 @@ def _assert_step_2_skipped_and_run_went_on(out):
     assert [float(x) for x in adam] == [1.0, 1.0, 2.0]  # nor did it touch the optimizer state
 
 
-def test_nan_loss_step_is_skipped_counted_and_logged_on_one_rank(cache, tmp_path, caplog):
+def test_nan_loss_step_is_skipped_counted_and_logged_on_one_rank(cache, tmp_path, caplog, fault_paradigms):
     with caplog.at_level(logging.WARNING, logger="visurf_engine.trainer"):
         Trainer(small_cfg(cache, tmp_path, *RUN)).run()
     _assert_step_2_skipped_and_run_went_on(tmp_path)
@@ -57,7 +65,7 @@ def test_nan_loss_on_rank_0_is_skipped_by_both_ranks(cache, tmp_path):
         assert f"members on rank {rank}: " in proc.stderr
 
 
-def test_consecutive_skips_stop_the_run_with_the_last_checkpoint_intact(cache, tmp_path):
+def test_consecutive_skips_stop_the_run_with_the_last_checkpoint_intact(cache, tmp_path, fault_paradigms):
     trainer = Trainer(small_cfg(cache, tmp_path, *RUN, "algo.paradigm=visurf_nan_from_2", "train.steps=6",
                                 "train.max_skipped_steps=2"))  # fmt: skip
     with pytest.raises(NonFiniteError, match=r"2 consecutive optimizer steps \(the last in step 3\) had a non-finite "

@@ -48,6 +48,7 @@ class DataConfig:
     reward: str = "grounding"  # reward registry name
     train_path: str | None = None  # JSONL / parquet for task=files
     eval_path: str | None = None
+    eval_split: float | None = None  # task=files without eval_path: the share of training rows held out (by a seeded hash of the row id)
     on_bad_row: str = "error"  # error | skip (counted and logged)
     train_size: int = 2000  # shapes task sizes
     eval_size: int = 200
@@ -248,6 +249,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algo.sft_steps: must be < train.steps ({t.steps}) for sft_then_rlvr, got {a.sft_steps}")
     if d.task == "files" and not d.train_path:
         raise ConfigError("data.train_path: required when data.task=files")
+    if d.task == "files" and not d.eval_path and d.eval_split is None:
+        raise ConfigError("data.eval_path: required when data.task=files, unless data.eval_split holds out a share of "
+                          "the training rows (e.g. data.eval_split=0.05): evaluating on training rows measures nothing")
+    if d.eval_split is not None and (d.task != "files" or d.eval_path or not 0 < d.eval_split < 1):
+        raise ConfigError(f"data.eval_split: a share in (0, 1), with data.task=files and no data.eval_path; got "
+                          f"{d.eval_split} (task {d.task}, eval_path {d.eval_path})")
     if cfg.model.backend == "hf" and cfg.parallel.tp * cfg.parallel.pp > 1:
         raise ConfigError(f"parallel.tp/parallel.pp: {cfg.parallel.tp}/{cfg.parallel.pp} need model.backend=megatron")
     if not 0 <= d.absent_ratio <= 1:

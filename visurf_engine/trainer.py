@@ -35,7 +35,7 @@ from .algo.gold import make_gold
 from .algo.members import Members, build_members, per_token, sequence_weights
 from .algo.paradigms import GroupRewards, Phase, get_paradigm
 from .config import Config
-from .data import PromptSampler, Row
+from .data import PromptSampler, Row, fetch_rows
 from .eval.evaluate import evaluate
 from .learners import build_learner, make_micro_batch, parallel_world
 from .models.hf import load_pretrained
@@ -112,9 +112,9 @@ class Trainer:
         cfg, a, dp = self.cfg, self.cfg.algo, self.dp
         timer = PhaseTimer()
         phase = self.paradigm.phase(step, self.sft_steps)
-        per_rank = cfg.train.batch_size // dp.size
-        rows = [self.data.train[i] for i in self.sampler.next(cfg.train.batch_size)[dp.rank * per_rank :][:per_rank]]
         m: dict[str, float] = {"phase/sft": float(phase.name == "sft"), "reward/failures": 0.0}
+        with timer("data"):
+            rows, m["data/bad_images"] = self._rows(step)
         with timer("encode"):
             prompts = self.policy.encode([r.problem for r in rows], [r.image for r in rows])
         rollouts = texts = None
@@ -149,6 +149,19 @@ class Trainer:
         m["len/gold"] = float(np.mean(lengths[members.gold.numpy()])) if gold_tokens else float("nan")
         m["lr"] = self.learner.lr
         return m | timer.metrics()
+
+    def _rows(self, step: int) -> tuple[list[Row], float]:
+        """This rank's share of the step's prompts, images decoded, and the number of rows (over
+        all ranks) whose image did not decode: they raise or, under ``data.on_bad_row=skip``,
+        are replaced by ``PromptSampler.replacement`` draws (the same on every rank and on resume)."""
+        per_rank = self.cfg.train.batch_size // self.dp.size
+        first = self.dp.rank * per_rank
+        indices = self.sampler.next(self.cfg.train.batch_size)[first : first + per_rank]
+        rows, bad = fetch_rows(self.data.train, indices, self.cfg.data.on_bad_row,
+                               lambda slot, attempt: self.sampler.replacement(step, first + slot, attempt))  # fmt: skip
+        for b in bad:
+            log.warning("step %d: skipped bad row, drew another: %s", step + 1, b)
+        return rows, float(all_reduce_sum(torch.tensor([float(len(bad))], dtype=torch.float64), self.dp)[0])
 
     def _score_rollouts(self, rows: list[Row], rollouts: list[list[list[int]]]):
         """Decoded texts ``[B][G]``, the rollouts' ``GroupRewards``, their metrics and failure count."""

@@ -2,9 +2,10 @@
 inject faults, and a run in a fresh process (``python -m engine_testing.<script>`` with
 ``tests/`` on ``PYTHONPATH``; ``engine_testing.train`` runs ``visurf_engine.train.main``).
 
-Fault paradigms (ViSurf, except that rank 0's advantages are NaN in the steps named, so its
-loss and, after the all-reduce, every rank's gradients are non-finite):
-``visurf_nan_at_2`` (step 2 only), ``visurf_nan_from_2`` (step 2 on).
+Fault paradigms (``FAULT_PARADIGMS``: ViSurf, except that rank 0's advantages are NaN in the
+steps named, so its loss and, after the all-reduce, every rank's gradients are non-finite):
+``visurf_nan_at_2`` (step 2 only), ``visurf_nan_from_2`` (step 2 on). Registered only where a
+run needs them (``register_fault_paradigms``), so the suite's registry stays the product's.
 """
 
 from __future__ import annotations
@@ -46,12 +47,16 @@ def _nan_on_rank0(rewards, **kw):
 
 
 NAN_PHASE = replace(VISURF, name="visurf_nan", advantages=_nan_on_rank0)
-for _paradigm in (
+FAULT_PARADIGMS = (
     Paradigm("visurf_nan_at_2", lambda step, sft_steps: NAN_PHASE if step == 1 else VISURF),
     Paradigm("visurf_nan_from_2", lambda step, sft_steps: NAN_PHASE if step >= 1 else VISURF),
-):
-    if _paradigm.name not in PARADIGMS:
-        register_paradigm(_paradigm)
+)
+
+
+def register_fault_paradigms() -> None:
+    for paradigm in FAULT_PARADIGMS:
+        if paradigm.name not in PARADIGMS:
+            register_paradigm(paradigm)
 
 SMALL = [
     "data.train_size=24", "data.eval_size=4",

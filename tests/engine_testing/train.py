@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-import engine_testing.runs  # noqa: F401  (registers the test rewards and paradigms)
+from engine_testing.runs import register_fault_paradigms  # (and, by importing, the test rewards)
 from visurf_engine import checkpoint
 from visurf_engine.train import main
 
@@ -31,6 +31,7 @@ def killing(original, when):
 
 
 if __name__ == "__main__":
+    register_fault_paradigms()
     overrides = sys.argv[1:]
     if overrides and overrides[0].startswith("--kill="):
         step, where = overrides.pop(0).removeprefix("--kill=").split(":")
