@@ -6,7 +6,8 @@ Layout under ``<output_dir>/checkpoints/``::
     step_000020/optimizer.pt          optimizer state (a learner with a sharded optimizer, e.g.
                                       model.backend=megatron: optimizer_rank{r}.pt, each rank's own)
     step_000020/rng_rank{r}.pt        python / numpy / torch (+ CUDA) RNG states of rank r
-    step_000020/state.json            step, data-sampler position, base (and final) evaluation, config
+    step_000020/state.json            step, data-sampler position, base (and final) evaluation, skipped-step
+                                      counts (the non-finite guard), config
     latest                            name of the newest complete checkpoint
 
 A checkpoint is written into ``step_N.tmp`` and renamed into place; ``latest`` is replaced

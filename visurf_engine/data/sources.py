@@ -119,9 +119,9 @@ Source = JsonlSource | ParquetSource | DatasetsSource
 def open_source(path: Path) -> Source:
     """The source of ``path``: ``.jsonl``, ``.parquet``, or a ``save_to_disk`` directory."""
     if path.is_dir():
-        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return DatasetsSource(path)
-        raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk (no state.json)")
+        raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk (no dataset_info.json)")
     readers: dict[str, Any] = {".jsonl": JsonlSource, ".parquet": ParquetSource}
     if path.suffix.lower() not in readers:
         raise DataError(f"{path}: unsupported data format {path.suffix!r} (expected .jsonl, .parquet or a datasets directory)")
