@@ -22,12 +22,10 @@ Writes JSON (provenance, every measurement) to ``bench/results/data-<host>-<date
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -114,7 +112,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.measure)))
         return 0
 
-    from visurf_engine.provenance import write_result
+    from visurf_engine.provenance import result_path, write_result
 
     args.dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -137,9 +135,7 @@ def main(argv=None) -> int:
             shutil.rmtree(args.dir, ignore_errors=True)
     growth = results[-1]["peak_rss_mib"] - results[0]["peak_rss_mib"]
     print(f"peak RSS growth {results[0]['rows']} -> {results[-1]['rows']} rows: {growth:+.0f} MiB")
-    stamp = dt.datetime.now(dt.timezone.utc)
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname()) or "host"
-    out = args.out or RESULTS / f"data-{host}-{stamp:%Y%m%d-%H%M%S}.json"
+    out = args.out or result_path(RESULTS, "data")
     payload = {
         "bench": "data",
         "targets": {"startup_s_at_100k": 60, "peak_rss_mib": 2048, "rss": "independent of the row count"},

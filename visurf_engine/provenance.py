@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shlex
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,12 @@ def provenance(command: list[str] | None = None) -> dict[str, Any]:
         "versions": versions(),
         "threads": {"torch": torch.get_num_threads(), **{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}},
     }
+
+
+def result_path(directory: Path, name: str, tag: str = "") -> Path:
+    """``directory/<name>-<host>-<UTC date and time><tag>.json``: where a benchmark's result goes."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname()) or "host"
+    return directory / f"{name}-{host}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}{tag}.json"
 
 
 def write_result(path: Path, payload: dict[str, Any]) -> Path:
