@@ -2,7 +2,7 @@
 640x480 JPEGs, at 10k and 100k rows (the size of gRefCOCO / VisionReasoner training sets).
 
 For each size N a parquet file is written (row groups of 100 rows, as Hugging Face datasets
-writes image data; JPEG quality 90 of smooth random scenes, ~50 KB each, 256 distinct images
+writes image data; JPEG quality 90 of smooth random scenes, ~60 KiB each, 256 distinct images
 cycled; a grounding problem and a JSON solution per row). Then, in a fresh process per size
 (so one size's peak does not carry into the next), ``tasks.load_task`` loads it as
 ``data.task=files`` with ``data.eval_split=0.01`` and ``data.eval_size=200`` (every row
@@ -93,8 +93,7 @@ def measure(path: Path) -> dict:
     first_batch = time.perf_counter() - t0
     assert len(rows) == 8 and not bad and rows[0].image.size == (WIDTH, HEIGHT)
     return {
-        "train_rows": len(task.train), "eval_rows": len(task.eval), "startup_s": startup,
-        "scan_rows_per_s": (len(task.train) + len(task.eval)) / startup, "first_batch_s": first_batch,
+        "train_rows": len(task.train), "eval_rows": len(task.eval), "startup_s": startup, "first_batch_s": first_batch,
         "rss_imports_mib": rss_imports, "rss_after_startup_mib": rss_loaded, "rss_after_batch_mib": _rss_mib(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }  # fmt: skip
@@ -123,6 +122,7 @@ def main(argv=None) -> int:
             row = write_parquet(path, n) | {"write_s": time.perf_counter() - t0}
             proc = subprocess.run([sys.executable, __file__, "--measure", str(path)], capture_output=True, text=True, check=True)
             row |= json.loads(proc.stdout.strip().splitlines()[-1])
+            row["scan_rows_per_s"] = n / row["startup_s"]
             results.append(row)
             print(f"{n:>7d} rows ({row['file_gib']:.2f} GiB): start-up {row['startup_s']:6.1f} s "
                   f"({row['scan_rows_per_s']:,.0f} rows/s), first batch {row['first_batch_s']:.2f} s; RSS imports "
