@@ -90,7 +90,9 @@ setup(
         # (the pieces used import and run on 5.24); scripts/setup_embed_cpu.sh does both
         "verl": ["ray>=2.41", "tensordict>=0.8,<=0.10.0,!=0.9.0", "hydra-core>=1.3", "codetiming", "cachetools",
                  "fastapi", "uvicorn", "torchdata", "peft"],
-        "test": ["pytest>=8", "megatron-core==0.16.1", "trl==1.16.0"],
+        # data.train_path / eval_path as a Hugging Face datasets directory (save_to_disk); pulls no torch
+        "datasets": ["datasets>=5,<6"],
+        "test": ["pytest>=8", "megatron-core==0.16.1", "trl==1.16.0", "datasets>=5,<6"],
     },
     **native_extensions(),
 )

@@ -18,8 +18,6 @@ measurement) to ``bench/results/image_pipeline-<host>-<date>.json``. Run on a qu
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -30,10 +28,9 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from visurf_engine.models import image_processor as ip
-from visurf_engine.provenance import cpu_model, write_result
+from visurf_engine.provenance import cpu_model, result_path, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 SIZES = [(840, 840), (1280, 960), (2048, 1536)]  # (width, height)
 
 
@@ -94,9 +91,7 @@ def main(argv=None) -> int:
               f"{r['native_ms_per_image']:14.2f} {r['native_images_per_s']:13.1f} {r['speedup']:7.2f}x "
               f"{r['native_scaling']:7.2f}x")  # fmt: skip
 
-    stamp = dt.datetime.now(dt.timezone.utc)
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname()) or "host"
-    out = args.out or RESULTS / f"image_pipeline-{host}-{stamp:%Y%m%d-%H%M%S}{'-quick' if args.quick else ''}.json"
+    out = args.out or result_path("image_pipeline", "cpu-quick" if args.quick else "cpu")
     payload = {
         "bench": "image_pipeline",
         "native_build": {"compiler": ip._native.compiler, "openmp": ip._native.openmp},

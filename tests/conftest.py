@@ -12,6 +12,9 @@ order of test files irrelevant.
 
 Tests marked ``cuda`` (GPU-only assertions: storage addresses, CUDA graphs, sleep mode) are
 skipped, with the reason, where no CUDA device is visible.
+
+``cache``: a warm-start cache holding the base model of ``engine_testing.runs.SMALL``, built
+once per session for every test that runs the tiny end to end.
 """
 
 import os
@@ -33,3 +36,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    from engine_testing.runs import SMALL
+    from visurf_engine.config import load_config
+    from visurf_engine.tasks import prepare_base_model
+
+    root = str(tmp_path_factory.mktemp("base-cache"))
+    prepare_base_model(load_config(None, SMALL + [f"warmstart.cache_dir={root}"]), progress=False)
+    return root

@@ -17,7 +17,7 @@ from visurf_engine.algo.gold import choose_styles, control_gold_rewards
 from visurf_engine.algo.members import build_members, sequence_weights
 from visurf_engine.algo.mismatch import mismatch_sums
 from visurf_engine.algo.paradigms import PARADIGMS, RLVR, SFT, VISURF, GroupRewards, get_paradigm
-from visurf_engine.rewards import get_reward
+from visurf_engine.rewards import GroundingReward, get_reward, score_batch
 
 G = get_reward("grounding")
 W = torch.tensor([G.weights[c] for c in G.components])  # think, answer_format, accuracy (x3), non_repeat
@@ -40,6 +40,32 @@ def test_all_equal_group_gives_exactly_zero():
     assert (adv == 0).all()
     with pytest.raises(ValueError, match="members>=2"):
         group_advantages(torch.tensor([[1.0]]))
+
+
+class FixedComponents(GroundingReward):
+    """Grounding weights (1, 1, 3, 1); a completion's components are looked up by its text."""
+
+    name = "fixed_components"
+    TABLE = {"a": (1.0, 1.0, 1 / 9, 0.0), "b": (0.0, 0.0, 4 / 9, 1.0)}  # both total 7/3
+
+    def score(self, completion, solution):
+        return dict(zip(self.components, self.TABLE[completion]))
+
+
+def test_equal_totals_from_different_components_are_exact_ties():
+    spec = FixedComponents()
+    texts = ["a", "b", "a", "b"]
+    sb = score_batch(spec, texts, [[]] * 4, ["x"] * 4)
+    assert sb.total.unique().numel() == 1 and sb.total[0].item() == pytest.approx(7 / 3, abs=1e-9)
+    assert (group_advantages(sb.total.view(1, 4)) == 0).all()  # float32 sums gave +-0.102 here
+    assert spec.total(dict(zip(spec.components, spec.TABLE["b"]))) == sb.total[0].item()
+    # the gold scored "b" ties the best rollout "a": smoothed, and the augmented group is flat
+    rollouts = score_batch(spec, ["a"] * 3, [[]] * 3, ["x"] * 3).total.view(1, 3)
+    gold_comps = score_batch(spec, ["b"], [[]], ["x"]).components
+    gold, smoothed = control_gold_rewards(gold_comps, rollouts, spec.weight_vector(), None, eliminate=False, smooth=True)
+    assert smoothed.item() and gold.item() == rollouts[0, 0].item()
+    r_adv, g_adv = VISURF.advantages(GroupRewards(1, rollouts, gold, smoothed), norm_by_std=True, eps=1e-6)
+    assert (r_adv == 0).all() and g_adv.item() == 0
 
 
 def test_eliminate_and_smooth_controls():

@@ -39,6 +39,7 @@ def test_yaml_then_overrides(tmp_path):
         ("algo=3", "algo: is a section"),
         ("train.lr", "expected key=value"),
         ("data.task=files", "data.train_path: required"),
+        ("data.eval_split=0.1", "data.eval_split: a share in"),
         ("model.image_processor=fast", "model.image_processor: 'fast' is not one of native, hf"),
         ("rollout.backend=sglang", "rollout.backend: 'sglang' is not one of hf, vllm"),
         ("rollout.vllm.dtype=fp8", "rollout.vllm.dtype: 'fp8' is not one of"),
@@ -73,6 +74,17 @@ def test_vllm_section_and_the_tis_loss_spec():
     with pytest.raises(ConfigError, match=r"rollout.vllm.max_model_len: must exceed the generation budget \(48 tokens\)"):
         load_config(None, ["rollout.backend=vllm", "rollout.vllm.max_model_len=48"])
     load_config(None, ["rollout.vllm.max_model_len=48"])  # only checked when vLLM generates
+
+
+def test_files_task_needs_an_eval_path_or_an_eval_split():
+    files = ["data.task=files", "data.train_path=t.parquet"]
+    with pytest.raises(ConfigError, match="data.eval_path: required when data.task=files, unless data.eval_split"):
+        load_config(None, files)
+    assert load_config(None, [*files, "data.eval_split=0.05"]).data.eval_split == 0.05
+    assert load_config(None, [*files, "data.eval_path=e.parquet"]).data.eval_split is None
+    for bad in ("data.eval_split=0", "data.eval_split=1.5", "data.eval_path=e.parquet"):
+        with pytest.raises(ConfigError, match="data.eval_split: a share in"):
+            load_config(None, [*files, "data.eval_split=0.05", bad] if bad.startswith("data.eval_path") else [*files, bad])
 
 
 def test_sft_then_rlvr_split_must_fit():

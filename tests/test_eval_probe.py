@@ -52,7 +52,7 @@ def test_probe_size_is_validated():
     with pytest.raises(ConfigError, match="data.probe_size"):
         load_config(None, ["data.probe_size=-1"])
     with pytest.raises(ConfigError, match="data.probe_size"):  # the probe is a shapes-task family
-        load_config(None, ["data.task=files", "data.train_path=x.jsonl", "data.probe_size=10"])
+        load_config(None, ["data.task=files", "data.train_path=x.jsonl", "data.eval_path=y.jsonl", "data.probe_size=10"])
     # unset, it is on for the embedded task and off for files, so a files config loads as is
     assert load_config(None, []).data.probe_size == 100
-    assert load_config(None, ["data.task=files", "data.train_path=x.jsonl"]).data.probe_size == 0
+    assert load_config(None, ["data.task=files", "data.train_path=x.jsonl", "data.eval_split=0.1"]).data.probe_size == 0

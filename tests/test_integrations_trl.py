@@ -78,7 +78,7 @@ def check_gold(trainer, expected_think_index: int | None):
     ours = torch.cat([adv_rollout, adv_gold[:, None]], dim=1).flatten()
     torch.testing.assert_close(b["advantages"], ours, rtol=1e-5, atol=1e-5)  # float32 mean / std of <= 4 values
     assert torch.equal(b["advantages"][gold][smoothed], torch.zeros(int(smoothed.sum())))
-    torch.testing.assert_close(trainer.rewards.view(-1, M, raw.shape[2])[:, -1] @ w, r_star)
+    torch.testing.assert_close(trainer.rewards.view(-1, M, raw.shape[2])[:, -1] @ w, r_star.float())  # TRL's rewards: fp32
     return smoothed
 
 

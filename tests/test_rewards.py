@@ -300,7 +300,7 @@ def test_score_batch_contains_failures(caplog):
         batch = score_batch(spec, [ok, ok, "<answer>4</answer>", ok, "<answer>5</answer>"],
                             ["4", "boom", "4", "nan", "inf"], ["s0", "s1", "s2", "s3", "s4"])
     assert batch.names == ("format", "accuracy")
-    assert batch.components.dtype == torch.float32 and batch.components.shape == (5, 2)
+    assert batch.components.dtype == batch.total.dtype == torch.float64 and batch.components.shape == (5, 2)
     assert batch.components.tolist() == [[1, 1], [0, 0], [0, 1], [0, 0], [0, 0]]
     assert batch.total.tolist() == [3, 0, 2, 0, 0]
     assert [sid for sid, _ in batch.failures] == ["s1", "s3", "s4"]

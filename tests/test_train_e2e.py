@@ -10,25 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_testing.runs import SMALL
+from engine_testing.runs import SMALL, small_cfg
 
-from visurf_engine.config import load_config
 from visurf_engine.learners import HFLearner
 from visurf_engine.tasks import prepare_base_model
 from visurf_engine.train import main
 from visurf_engine.trainer import Trainer
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A cache directory holding the small settings' base model (built once, here)."""
-    root = str(tmp_path_factory.mktemp("base-cache"))
-    prepare_base_model(load_config(None, SMALL + [f"warmstart.cache_dir={root}"]), progress=False)
-    return root
-
-
-def small_cfg(cache, out, *extra):
-    return load_config(None, SMALL + [f"warmstart.cache_dir={cache}", f"train.output_dir={out}", *extra])
 
 
 @pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "sft_then_rlvr"])

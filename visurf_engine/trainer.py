@@ -13,11 +13,18 @@ one model-parallel replica train on the same members (``learner.share``). The mo
 post-train must exist (``tasks.prepare_base_model``): building a trainer never trains. With
 ``algo.kl_coef > 0`` a frozen copy of that model is the KL penalty's reference; its per-token
 log-probs of the members come from one no-grad fused pass a step.
+
+Non-finite guard: an optimizer step whose loss or grad norm is non-finite is skipped on every
+rank (``Learner.step``); the trainer counts it (``train/skipped_steps``, cumulative, kept in
+checkpoints), warns with the step and the members' sample ids, and after
+``train.max_skipped_steps`` consecutive skips stops with ``NonFiniteError`` before the step is
+checkpointed, so the last checkpoint is one from before the failure.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,7 +39,7 @@ from .algo.members import Members, build_members, per_token, sequence_weights
 from .algo.mismatch import mismatch_sums
 from .algo.paradigms import GroupRewards, Phase, get_paradigm
 from .config import Config
-from .data import PromptSampler, Row
+from .data import PromptSampler, Row, fetch_rows
 from .eval.evaluate import evaluate
 from .learners import build_learner, make_micro_batch, parallel_world
 from .models.hf import load_pretrained
@@ -46,6 +53,10 @@ from .tasks.shapes.probe import probe_row_metrics
 from .telemetry import MetricsLogger, PhaseTimer
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """``train.max_skipped_steps`` consecutive optimizer steps had a non-finite loss or grad norm."""
 
 
 class Trainer:
@@ -77,11 +88,12 @@ class Trainer:
         self.sampler = PromptSampler(len(self.data.train), t.seed)
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.start_step, self.base_eval = 0, None
+        self.start_step, self.base_eval, self.final_eval = 0, None, None
+        self.skips = {"total": 0, "consecutive": 0}  # skipped optimizer steps (non-finite guard)
         self._resume()
         self.rollout = build_rollout(cfg, self.policy, path)  # holds the resumed weights
-        self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume=self.start_step > 0)
-        if self.data.skipped:
+        self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume_step=self.start_step or None)
+        if self.data.skipped and not self.start_step:
             self.metrics.log(0, {"data/skipped_rows": self.data.skipped})
 
     def _resume(self) -> None:
@@ -98,6 +110,9 @@ class Trainer:
         self.learner.load_optimizer_state(optimizer_state)
         self.sampler.load(state["sampler"])
         self.start_step, self.base_eval = state["step"], state.get("base_eval")
+        self.skips = state.get("skips", self.skips)
+        if self.start_step == self.cfg.train.steps:
+            self.final_eval = state.get("final_eval")
         log.info("resumed from %s at step %d", latest, self.start_step)
 
     # -- one step -------------------------------------------------------------------------
@@ -105,9 +120,9 @@ class Trainer:
         cfg, a, dp = self.cfg, self.cfg.algo, self.dp
         timer = PhaseTimer()
         phase = self.paradigm.phase(step, self.sft_steps)
-        per_rank = cfg.train.batch_size // dp.size
-        rows = [self.data.train[i] for i in self.sampler.next(cfg.train.batch_size)[dp.rank * per_rank :][:per_rank]]
         m: dict[str, float] = {"phase/sft": float(phase.name == "sft"), "reward/failures": 0.0}
+        with timer("data"):
+            rows, m["data/bad_images"] = self._rows(step)
         with timer("encode"):
             prompts = self.policy.encode([r.problem for r in rows], [r.image for r in rows])
         rollouts = rollout_logp = texts = None
@@ -140,7 +155,7 @@ class Trainer:
                                               self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
                 members.ref_logp = list(torch.split(ref, members.lengths.tolist()))
         with timer("update"):
-            m |= self._update(prompts, members)
+            m |= self._update(step, prompts, members, members.labels([r.id for r in rows]))
         with timer("sync"):
             self.rollout.sync_weights(self.learner.export_weights())
         lengths = members.lengths.numpy()
@@ -148,6 +163,19 @@ class Trainer:
         m["len/gold"] = float(np.mean(lengths[members.gold.numpy()])) if gold_tokens else float("nan")
         m["lr"] = self.learner.lr
         return m | timer.metrics()
+
+    def _rows(self, step: int) -> tuple[list[Row], float]:
+        """This rank's share of the step's prompts, images decoded, and the number of rows (over
+        all ranks) whose image did not decode: they raise or, under ``data.on_bad_row=skip``,
+        are replaced by ``PromptSampler.replacement`` draws (the same on every rank and on resume)."""
+        per_rank = self.cfg.train.batch_size // self.dp.size
+        first = self.dp.rank * per_rank
+        indices = self.sampler.next(self.cfg.train.batch_size)[first : first + per_rank]
+        rows, bad = fetch_rows(self.data.train, indices, self.cfg.data.on_bad_row,
+                               lambda slot, attempt: self.sampler.replacement(step, first + slot, attempt))  # fmt: skip
+        for b in bad:
+            log.warning("step %d: skipped bad row, drew another: %s", step + 1, b)
+        return rows, float(all_reduce_sum(torch.tensor([float(len(bad))], dtype=torch.float64), self.dp)[0])
 
     def _score_rollouts(self, rows: list[Row], rollouts: list[list[list[int]]]):
         """Decoded texts ``[B][G]``, the rollouts' ``GroupRewards``, their metrics and failure count."""
@@ -179,8 +207,8 @@ class Trainer:
             rewards = GroupRewards(len(rows), rewards.rollout, gold.rewards, gold.smoothed)
         return [self.policy.encode_text(t) for t in gold.texts], rewards, m, gold.failures
 
-    def _update(self, prompts: Prompts, members: Members) -> dict[str, float]:
-        """``algo.updates_per_step`` optimizer steps over ``members``, in micro-batches.
+    def _update(self, step: int, prompts: Prompts, members: Members, labels: list[str]) -> dict[str, float]:
+        """``algo.updates_per_step`` optimizer steps over ``members`` (sample ids ``labels``), in micro-batches.
 
         With the engine's sampling log-probs it also measures the rollout/trainer mismatch on
         this rank's rollout tokens (``algo.mismatch``) against the pre-update log-probs: the
@@ -199,8 +227,10 @@ class Trainer:
             tokens = (part.lengths + torch.tensor([len(prompts.input_ids[p]) for p in part.prompt.tolist()])).tolist()
             micro = [(part.select(r), weights[r.start : r.stop]) for r in self.batching.split(tokens)]
             batches = [make_micro_batch(self.policy, prompts, x, w, self.batching) for x, w in micro]
+            finite = True
             for (x, _), (loss, stats) in zip(micro, self.learner.forward_backward(batches)):
                 rollout_tok = per_token(~x.gold, x.lengths).to(stats["logp"].device)
+                finite &= math.isfinite(loss.item())
                 sums["loss"] += loss.item()
                 sums["clipped"] += stats["clipped"].float().sum().item()
                 sums["tokens"] += float(x.lengths.sum())
@@ -214,7 +244,9 @@ class Trainer:
                     diff = mismatch_sums(trainer_logp, torch.cat(x.rollout_logp), self.loss_spec.tis_cap)
                     for k, v in diff.items():
                         mismatch[k] += v
-            sums["grad_norm"] += self.learner.step(cfg.train.grad_clip)
+            update = self.learner.step(cfg.train.grad_clip, loss_finite=finite)
+            sums["grad_norm"] += update.grad_norm
+            self._count_skip(step, update.skipped, update.grad_norm, [labels[j] for j in chunk])
         n = a.updates_per_step
         out = {"loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n, "clip_frac": sums["clipped"] / max(sums["tokens"], 1)}
         out["entropy"] = sums["entropy"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
@@ -223,7 +255,19 @@ class Trainer:
         names = {"abs": "mismatch/logp_abs", "kl": "mismatch/kl", "truncated": "mismatch/tis_truncated"}
         if mismatch["tokens"]:
             out |= {names[k]: v / mismatch["tokens"] for k, v in mismatch.items() if k != "tokens"}
-        return out
+        return out | {"train/skipped_steps": self.skips["total"]}
+
+
+    def _count_skip(self, step: int, skipped: bool, grad_norm: float, labels: list[str]) -> None:
+        """Count an optimizer step of ``step`` the guard skipped, naming its members on this rank."""
+        if not skipped:
+            self.skips["consecutive"] = 0
+            return
+        self.skips["total"] += 1
+        self.skips["consecutive"] += 1
+        log.warning("step %d: non-finite loss or grad norm (%s): optimizer step skipped (%d in a row, %d in the run); "
+                    "members on rank %d: %s", step + 1, grad_norm, self.skips["consecutive"], self.skips["total"],
+                    self.world.rank, ", ".join(labels))  # fmt: skip
 
     # -- the run --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -239,12 +283,20 @@ class Trainer:
         return result
 
     def save(self, step: int) -> None:
-        state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval, "config": self.cfg.to_dict()}
+        """Checkpoint ``step``, after making the metrics logged so far durable (``telemetry``)."""
+        state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval,
+                 "final_eval": self.final_eval, "skips": self.skips, "config": self.cfg.to_dict()}  # fmt: skip
+        self.metrics.sync()
         ckpt.save(self.ckpt_root, step, self.policy.model, self.learner.optimizer_state(), state, self.world,
-                  sharded_optimizer=self.learner.sharded_optimizer)  # fmt: skip
+                  sharded_optimizer=self.learner.sharded_optimizer, keep=self.cfg.train.keep_checkpoints)  # fmt: skip
 
     def run(self) -> dict[str, dict[str, float]]:
-        """Train to ``train.steps``; returns ``{"base": ..., "final": ...}`` held-out metrics."""
+        """Train to ``train.steps``; returns ``{"base": ..., "final": ...}`` held-out metrics.
+
+        At step N the order is: train line, evaluation line (the final evaluation at the last
+        step), checkpoint; so checkpoint N holds everything logged at steps <= N and nothing
+        later, the rule a resumed run's metrics are cut back by (``telemetry``).
+        """
         t = self.cfg.train
         if self.base_eval is None:
             self.base_eval = self.evaluate()
@@ -259,11 +311,24 @@ class Trainer:
             self.metrics.log(step + 1, m)
             bar.set_postfix(reward=f"{m.get('reward/rollout_mean', float('nan')):.2f}", loss=f"{m['loss']:.3f}")
             done = step + 1
-            if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            if self.skips["consecutive"] >= t.max_skipped_steps:
+                self.metrics.close()
+                raise NonFiniteError(
+                    f"{self.skips['consecutive']} consecutive optimizer steps (the last in step {done}) had a non-finite "
+                    f"loss or grad norm (train.max_skipped_steps={t.max_skipped_steps}); the warnings above name their "
+                    f"members. Stopped before checkpointing; the last checkpoint, "
+                    f"{ckpt.latest_checkpoint(self.ckpt_root) or '(none yet)'}, is intact: fix the cause and resume "
+                    "with train.resume=true"
+                )
+            if done == t.steps:
+                self.final_eval = self.evaluate()
+                self.metrics.log(done, {f"eval/{k}": v for k, v in self.final_eval.items()})
+            elif t.eval_every and done % t.eval_every == 0:
                 self.metrics.log(done, {f"eval/{k}": v for k, v in self.evaluate().items()})
             if t.save_every and done % t.save_every == 0 or done == t.steps:
                 self.save(done)
-        final = self.evaluate()
-        self.metrics.log(t.steps, {f"eval/{k}": v for k, v in final.items()})
+        if self.final_eval is None:  # resumed at train.steps from a checkpoint of a longer run
+            self.final_eval = self.evaluate()
+            self.metrics.log(t.steps, {f"eval/{k}": v for k, v in self.final_eval.items()})
         self.metrics.close()
-        return {"base": self.base_eval, "final": final}
+        return {"base": self.base_eval, "final": self.final_eval}

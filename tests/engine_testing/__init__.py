@@ -1,5 +1,8 @@
 """Test fixtures of the engine (not installed): ``megatron`` (the spawned megatron-backend tests),
+``runs`` (the tiny end-to-end settings, test rewards and fault paradigms, runs in a fresh
+process), ``train`` (the entry point those runs use, with a SIGKILL injectable) and
 ``require_vllm`` (the gate of the vLLM test modules)."""
+
 
 from __future__ import annotations
 

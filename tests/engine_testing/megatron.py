@@ -134,7 +134,7 @@ def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int
     learner = MegatronLearner(model, Layout.from_hf_config(model.config, tp, pp), SPEC, dp, **OPTIM)
     results = learner.forward_backward(random_micro_batches(model))
     grads = {k: p.main_grad.clone() for k, p in learner.module.named_parameters()}
-    norm = learner.step(MAX_NORM)
+    norm = learner.step(MAX_NORM).grad_norm
     with torch.no_grad():
         state = model.state_dict(keep_vars=True)
         for name, value in learner.export_weights():
@@ -166,5 +166,5 @@ def hf_learner_step(model, micro: list[MicroBatch]) -> dict:
     model.train()
     losses = torch.stack([loss for loss, _ in learner.forward_backward(micro)])
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    norm = learner.step(MAX_NORM)
+    norm = learner.step(MAX_NORM).grad_norm
     return {"losses": losses, "grads": grads, "norm": norm, "weights": dict(learner.export_weights())}

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..rewards import RewardSpec, score_batch
+from ..rewards.base import on_grid, weighted_total
 
 LogLik = Callable[[list[int], list[str]], list[float]]  # (group indices, texts) -> sum log pi(text | prompt)
 
@@ -81,19 +82,22 @@ def control_gold_rewards(
     eliminate: bool,
     smooth: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gold rewards ``r*[B]`` and the smoothing flags ``[B]``.
+    """Gold rewards ``r*[B]`` (float64, on the reward grid) and the smoothing flags ``[B]``.
 
     ``gold_components[B, C]`` are the reward components scored on the gold text,
-    ``rollout_rewards[B, G]`` the rollouts' weighted totals, ``weights[C]``.
+    ``rollout_rewards[B, G]`` the rollouts' totals (``score_batch``), ``weights[C]``. The
+    gold's total is formed as the rollouts' are (``rewards.base.weighted_total``), so a gold
+    that ties the best rollout is smoothed; the smoothed value, the rollouts' mean, is put on
+    the grid too, so a group of equal rollouts and its smoothed gold is exactly flat.
     """
-    comps = gold_components.clone()
+    comps = gold_components.double().clone()
     if eliminate and think_index is not None:
         comps[:, think_index] = 0.0
-    gold = comps @ weights
+    gold = weighted_total(comps, weights)
     smoothed = torch.zeros_like(gold, dtype=torch.bool)
     if smooth:
         smoothed = rollout_rewards.max(dim=1).values >= gold
-        gold = torch.where(smoothed, rollout_rewards.mean(dim=1), gold)
+        gold = torch.where(smoothed, on_grid(rollout_rewards.mean(dim=1)), gold)
     return gold, smoothed
 
 
@@ -119,8 +123,7 @@ def make_gold(
     if not scored:
         return Gold(texts, styles, None, None, 0)
     sb = score_batch(spec, texts, solutions, [f"{i}:gold" for i in sample_ids])
-    weights = torch.tensor([spec.weights[c] for c in spec.components])
     think = spec.components.index(spec.think_component) if spec.think_component else None
-    rewards, smoothed = control_gold_rewards(sb.components, rollout_rewards, weights, think,
+    rewards, smoothed = control_gold_rewards(sb.components, rollout_rewards, spec.weight_vector(), think,
                                              eliminate=eliminate, smooth=smooth)  # fmt: skip
     return Gold(texts, styles, rewards, smoothed, len(sb.failures))

@@ -50,6 +50,16 @@ class Members:
         """``[M]`` completion lengths."""
         return torch.tensor([len(t) for t in self.tokens], dtype=torch.long)
 
+    def labels(self, prompt_ids: Sequence[str]) -> list[str]:
+        """Each member's sample id: ``<prompt id>#<k>`` for the k-th rollout of its prompt,
+        ``<prompt id>#gold`` for the gold (``prompt_ids[b]``: prompt b's row id)."""
+        seen = [0] * len(prompt_ids)
+        out = []
+        for p, gold in zip(self.prompt.tolist(), self.gold.tolist()):
+            out.append(f"{prompt_ids[p]}#gold" if gold else f"{prompt_ids[p]}#{seen[p]}")
+            seen[p] += not gold
+        return out
+
     def select(self, idx: Sequence[int]) -> Members:
         """The members ``idx``, in that order."""
         i = torch.as_tensor(idx, dtype=torch.long)

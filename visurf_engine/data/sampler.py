@@ -2,11 +2,14 @@
 
 Epoch-wise seeded permutations of the ``n`` rows (epoch ``e`` uses seed ``seed + e``), read
 ``k`` at a time, crossing into the next epoch's permutation when one runs out. Its whole
-state is two integers (epoch, position), so a checkpoint resumes the exact sequence.
+state is two integers (epoch, position), so a checkpoint resumes the exact sequence. A row
+whose image turns out bad is replaced by ``replacement(step, slot, attempt)``, a draw that
+depends on nothing else, so it moves no state: every rank and a resumed run draw the same.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -28,6 +31,10 @@ class PromptSampler:
             out += perm[self.pos : self.pos + take]
             self.pos += take
         return out
+
+    def replacement(self, step: int, slot: int, attempt: int) -> int:
+        """A row index uniform over the ``n`` rows, a pure function of (seed, step, slot, attempt)."""
+        return int(np.random.default_rng([self.seed, step, slot, attempt]).integers(self.n))
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}

@@ -14,13 +14,15 @@ import pyarrow.parquet as pq
 from .rows import Row
 
 FORMATS = ("jsonl", "parquet")
+ROW_GROUP_SIZE = 100  # as Hugging Face datasets writes image data
 
 
 def write_dataset(rows: Sequence[Row], directory: str | os.PathLike, fmt: str = "jsonl") -> Path:
     """Write ``rows`` under ``directory`` (created if needed) and return the data file's path.
 
     ``jsonl``: ``data.jsonl`` plus ``images/NNNNNN.png`` referenced by relative path.
-    ``parquet``: ``data.parquet`` with the PNG bytes in a binary ``image`` column.
+    ``parquet``: ``data.parquet`` with the PNG bytes in a binary ``image`` column, in row
+    groups of ``ROW_GROUP_SIZE`` rows (a row is read back by reading its group).
     Each ``solution`` is stored as compact JSON text; ``meta`` is not written.
     """
     if fmt not in FORMATS:
@@ -42,7 +44,7 @@ def write_dataset(rows: Sequence[Row], directory: str | os.PathLike, fmt: str = 
     else:
         for row, record in zip(rows, records):
             record["image"] = _png(row.image)
-        pq.write_table(pa.Table.from_pylist(records), path)
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=ROW_GROUP_SIZE)
     return path
 
 

@@ -26,7 +26,9 @@ def greedy_completions(policy: Policy, rollout: RolloutEngine, rows: Sequence[Ro
 
 def evaluate(policy: Policy, rollout: RolloutEngine, rows: Sequence[Row], metrics: Metrics,
              batch_size: int = 64) -> dict[str, float]:  # fmt: skip
-    """``metrics`` of the greedy completions on ``rows`` (e.g. gIoU / N-Acc / bbox_acc for grounding)."""
+    """``metrics`` of the greedy completions on ``rows`` (e.g. gIoU / N-Acc / bbox_acc for grounding).
+    Rows read lazily from a file (``data.RowTable``) are read once, images decoded when encoded."""
+    rows = list(rows)
     return metrics(greedy_completions(policy, rollout, rows, batch_size), rows)
 
 

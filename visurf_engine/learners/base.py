@@ -4,7 +4,8 @@ A learner owns the trainable weights and their optimizer. One optimizer step is
 
     stats = learner.forward_backward(micro_batches)  # fused loss + backward per micro-batch;
                                                      # gradients accumulated, reduced over data parallel
-    norm = learner.step(grad_clip)                   # global grad norm, clip, optimizer step, zero grads
+    update = learner.step(grad_clip, loss_finite=..) # global grad norm, non-finite guard, clip,
+                                                     # optimizer step (or none), zero grads
 
 and ``export_weights()`` then streams the updated weights, under the Hugging Face names of the
 policy's ``state_dict``, to the rollout engine (``load_weights`` is the inverse, for resume).
@@ -15,20 +16,26 @@ A ``MicroBatch`` is a collated set of (prompt, completion) sequences with its pe
 token loss inputs ``[N]`` (``make_micro_batch``); ``forward_backward`` returns, per
 micro-batch, the detached loss and the kernel's per-token stats (``logp``, ``clipped``,
 ``entropy``).
+
+The non-finite guard lives in ``step``, the same for every backend: a non-finite global grad
+norm, or a non-finite loss on any rank, skips the optimizer step on every rank (the gradients
+are zeroed, the weights and optimizer state left as they were) and the returned ``Update``
+says so; counting and stopping are the trainer's.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..algo.members import Members, per_token
 from ..models.policy import Batching, Policy, Prompts, SequenceBatch
-from ..parallel.data_parallel import World
+from ..parallel.data_parallel import World, any_rank
 
 
 @dataclass
@@ -70,6 +77,14 @@ def make_micro_batch(
 LossStats = tuple[torch.Tensor, dict[str, torch.Tensor]]  # (detached loss, per-token stats)
 
 
+class Update(NamedTuple):
+    """What ``Learner.step`` did: the global grad norm before clipping, and whether the
+    optimizer step was skipped (non-finite loss or norm)."""
+
+    grad_norm: float
+    skipped: bool
+
+
 class Learner(ABC):
     """The protocol (module docstring), with the optimizer bookkeeping both backends share."""
 
@@ -83,8 +98,28 @@ class Learner(ABC):
         """Loss and backward of every micro-batch; gradients accumulate and are reduced."""
 
     @abstractmethod
-    def step(self, grad_clip: float) -> float:
-        """Clip by the global grad norm, optimizer step, zero the grads; the norm before clipping."""
+    def clip_grads(self, grad_clip: float) -> float:
+        """The global grad norm ``|g|`` of the reduced gradients, the same on every rank;
+        the gradients scaled by ``min(1, grad_clip / (|g| + 1e-6))``."""
+
+    @abstractmethod
+    def zero_grads(self) -> None:
+        """Clear the accumulated gradients."""
+
+    def step(self, grad_clip: float, *, loss_finite: bool = True) -> Update:
+        """Clip, optimizer step, zero the grads, unless ``|g|`` or this or another rank's loss
+        (``loss_finite``) is non-finite: then no rank steps.
+
+        The ranks agree: ``|g|`` is computed from gradients already reduced over data
+        parallel (and its squares over model parallel), so it is identical everywhere, but a
+        loss is rank-local, so the skip flag is MAX-reduced over the world (one scalar).
+        """
+        norm = self.clip_grads(grad_clip)
+        skip = any_rank(not (loss_finite and math.isfinite(norm)))
+        if not skip:
+            self.optimizer.step()
+        self.zero_grads()
+        return Update(norm, skip)
 
     @abstractmethod
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -41,11 +41,11 @@ class HFLearner(Learner):
         all_reduce_grads(self.model, self.dp)
         return out
 
-    def step(self, grad_clip: float) -> float:
-        norm = clip_grad_norm(list(self.model.parameters()), grad_clip)
-        self.optimizer.step()
+    def clip_grads(self, grad_clip: float) -> float:
+        return clip_grad_norm(list(self.model.parameters()), grad_clip)
+
+    def zero_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.model.named_parameters()

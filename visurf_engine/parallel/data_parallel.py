@@ -59,6 +59,17 @@ def all_reduce_grads(model: torch.nn.Module, world: World) -> None:
     torch.nn.utils.vector_to_parameters(flat, grads)
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank of the whole run (the default process group): one
+    MAX all-reduce of a scalar, on the GPU under NCCL."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier(group=world.group)

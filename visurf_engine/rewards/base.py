@@ -1,6 +1,13 @@
 """The reward contract every task family implements, and fault-tolerant batch scoring.
 
-A reward is a weighted sum of named components, ``r = sum_c w_c * r_c`` (``docs/design.md`` §1).
+A reward is a weighted sum of named components, ``r = sum_c w_c * r_c`` (``docs/design.md`` §1),
+computed in float64 and rounded to a grid of ``10**-REWARD_DECIMALS`` (``weighted_total``), so
+that totals which are equal in exact arithmetic are equal in floating point: e.g. the grounding
+components ``(1, 1, 1/9, 0)`` and ``(0, 0, 4/9, 1)`` under weights ``(1, 1, 3, 1)`` are both 7/3,
+yet their float32 (or unrounded float64) sums differ by a rounding step, and a group's flatness
+test (max == min) and the gold's smoothing test (max >= r*) must see such ties as ties. A total
+reachable by a reward (small rational components) lies far from a grid midpoint, so rounding
+never splits two totals closer than 1e-9 apart that are exactly equal.
 A completion is ``<think>...</think><answer>...</answer>``; the gold is rendered in the same
 template with its reasoning slot empty, ``<think></think><answer>...</answer>`` (it has no
 reasoning trace), the answer in one of the task's styles.
@@ -118,15 +125,33 @@ class RewardSpec(ABC):
         matches = [s for s in self.styles if self.render_answer(answer, s) == text]
         return matches[0] if len(matches) == 1 else None
 
+    def weight_vector(self) -> torch.Tensor:
+        """``w[C]`` float64, in ``components`` order."""
+        return torch.tensor([self.weights[c] for c in self.components], dtype=torch.float64)
+
     def total(self, components: Mapping[str, float]) -> float:
-        """The weighted sum ``sum_c w_c * components[c]``."""
-        return sum(self.weights[c] * components[c] for c in self.components)
+        """The weighted sum ``sum_c w_c * components[c]`` on the reward grid (``weighted_total``)."""
+        row = torch.tensor([[float(components[c]) for c in self.components]], dtype=torch.float64)
+        return float(weighted_total(row, self.weight_vector()))
+
+
+REWARD_DECIMALS = 9  # reward totals are multiples of 1e-9 (module docstring)
+
+
+def on_grid(rewards: torch.Tensor) -> torch.Tensor:
+    """``rewards`` in float64, rounded to ``REWARD_DECIMALS`` decimals (half to even)."""
+    return torch.round(rewards.double(), decimals=REWARD_DECIMALS)
+
+
+def weighted_total(components: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``r[n] = on_grid(sum_c w_c * components[n, c])``, summed in float64."""
+    return on_grid(components.double() @ weights.double())
 
 
 @dataclass
 class ScoreBatch:
-    components: torch.Tensor  # [n, C] float32, columns in ``names`` order
-    total: torch.Tensor  # [n] float32, the weighted sum of the components
+    components: torch.Tensor  # [n, C] float64, columns in ``names`` order
+    total: torch.Tensor  # [n] float64, the weighted sum of the components (``weighted_total``)
     names: tuple[str, ...]
     failures: list[tuple[str, str]]  # (sample_id, "ExcType: message")
 
@@ -147,9 +172,8 @@ def score_batch(spec: RewardSpec, completions: Sequence[str], solutions: Sequenc
             log.warning("reward %r failed on sample %s: %s", spec.name, sid, msg)
             failures.append((sid, msg))
             rows.append([0.0] * len(spec.components))
-    comps = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(spec.components))
-    weights = torch.tensor([spec.weights[c] for c in spec.components], dtype=torch.float32)
-    return ScoreBatch(comps, comps @ weights, spec.components, failures)
+    comps = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(spec.components))
+    return ScoreBatch(comps, weighted_total(comps, spec.weight_vector()), spec.components, failures)
 
 
 def _score_one(spec: RewardSpec, completion: str, solution: Any) -> list[float]:

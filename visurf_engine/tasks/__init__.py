@@ -2,8 +2,10 @@
 
 - ``shapes``: the embedded, procedurally generated grounding task with its forgetting probe
   and its warm-started base model (``tasks.shapes``);
-- ``files``: JSONL / parquet files (``data.train_path``, ``data.eval_path``) and a real
-  checkpoint (``model.path``).
+- ``files``: JSONL / parquet files or ``datasets`` directories (``data.train_path``, and
+  ``data.eval_path`` or a held-out share ``data.eval_split`` of the training rows), read
+  lazily (``data.loading``), and a real checkpoint (``model.path``). The evaluation rows'
+  images are decoded once at start, so a bad one is met before step 1, not at an evaluation.
 
 ``prepare_base_model`` makes sure the model to post-train exists (the entry point calls it,
 with its own progress bar, before it builds the trainer); ``base_model_path`` only finds it,
@@ -15,9 +17,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from ..config import Config
-from ..data import Row, load_rows
+from ..data import DataError, Row, decodable, load_rows
 from ..parallel.data_parallel import World, barrier
 from ..rewards import RewardSpec
 from . import shapes
@@ -28,8 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TaskData:
-    train: list[Row]
-    eval: list[Row]
+    train: Sequence[Row]
+    eval: Sequence[Row]
     probe: list[Row] = field(default_factory=list)  # forgetting-probe rows (shapes only)
     skipped: int = 0  # bad rows skipped while loading (data.on_bad_row=skip)
 
@@ -39,12 +42,20 @@ def load_task(cfg: Config, spec: RewardSpec) -> TaskData:
     d = cfg.data
     if d.task == "shapes":
         return TaskData(*shapes.load(cfg))
-    results = [load_rows(p, spec.parse_solution, d.on_bad_row) for p in (d.train_path, d.eval_path) if p]
-    for bad in (b for res in results for b in res.skipped):
-        log.warning("skipped bad row: %s", bad)
-    train = results[0].rows
-    evals = results[1].rows if d.eval_path else train[: d.eval_size]
-    return TaskData(train, evals[: d.eval_size], skipped=sum(len(r.skipped) for r in results))
+    train = load_rows(d.train_path, spec.parse_solution, d.on_bad_row)
+    skipped = list(train.skipped)
+    if d.eval_path:
+        held_out = load_rows(d.eval_path, spec.parse_solution, d.on_bad_row)
+        rows, evals, skipped = train.rows, held_out.rows, skipped + held_out.skipped
+    else:
+        rows, evals = train.rows.split(d.eval_split, d.seed)
+        if not len(rows) or not len(evals):
+            raise DataError(f"{d.train_path}: data.eval_split={d.eval_split} holds out {len(evals)} of its "
+                            f"{len(train.rows)} usable rows; choose a share that leaves rows on both sides")  # fmt: skip
+    keep, bad = decodable(evals, d.eval_size, d.on_bad_row)
+    for b in skipped + bad:
+        log.warning("skipped bad row: %s", b)
+    return TaskData(rows, evals.take(keep), skipped=len(skipped) + len(bad))
 
 
 def base_model_path(cfg: Config) -> Path:

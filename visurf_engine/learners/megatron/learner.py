@@ -174,13 +174,13 @@ class MegatronLearner(Learner):
         tokens = torch.tensor(x.batch.targets.numel(), dtype=torch.int)
         return loss, tokens, {"loss": loss.detach(), "stats": stats}
 
-    def step(self, grad_clip: float) -> float:
-        """Clip by the global grad norm, AdamW step, zero the grads; returns the norm before clipping."""
+    def clip_grads(self, grad_clip: float) -> float:
+        """The global grad norm over the model-parallel group (module docstring); clips the local shards."""
         for p in self.params:
             p.grad = p.main_grad
         counted = [p.grad for p in self.params if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
-        norm = clip_grad_norm(self.params, grad_clip, counted=counted, group=parallel_state.get_model_parallel_group())
-        self.optimizer.step()
+        return clip_grad_norm(self.params, grad_clip, counted=counted, group=parallel_state.get_model_parallel_group())
+
+    def zero_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad_buffer()
-        return norm
