@@ -6,7 +6,9 @@
 #   kernels-bench   bench/kernels.py: the fused loss at the Qwen2.5-VL-3B and -7B head shapes, Liger's
 #                   fused GRPO loss beside ours (skipped by the bench, with the reason, without liger_kernel)
 #   weight-sync     bench/weight_sync.py at the 3B shapes, if the file exists (vLLM engine skipped without vllm)
-#   update-bench    bench/update.py on GPU (random-init 3B, G = 8): padded vs packed vs packed + vision once
+#   update-bench    bench/update.py on GPU (random-init 3B, G = 8, 448x448 images: the padded layout at its
+#                   840x840 default would put ~72 x 3600 patches through the vision tower with autograd,
+#                   an estimated 150+ GB): padded vs packed vs packed + vision once
 #   throughput      bench/throughput.py --peer trl on a random-init 3B (1 warm-up + 3 steps a side, 128-token
 #                   completions, 448x448 images): per-phase times, tokens/s, MFU, NVML, TRL side by side
 #   cuda-tests      pytest -m cuda (the tests that need a CUDA device: CUDA graphs, storage addresses)
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
         --dry-run) MODE=dry ;;
         --fetch-wheels) MODE=fetch ;;
         --out) OUTDIR=${2:?--out needs a folder}; shift ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -139,7 +141,7 @@ if [ "$MODE" = gpu ]; then
     stage kernels-bench 60 $PY bench/kernels.py --out "$R/kernels.json"
     [ -f bench/weight_sync.py ] && stage weight-sync 40 $PY bench/weight_sync.py --models qwen2.5-vl-3b --reps 5 --out "$R/weight_sync.json"
     wait_build
-    stage update-bench 100 $PY bench/update.py --groups 8 --reps 3 --out "$R/update.json"
+    stage update-bench 100 $PY bench/update.py --groups 8 --image 448 --reps 3 --out "$R/update.json"
     stage throughput 150 $PY bench/throughput.py --peer trl --random-init qwen2.5-vl-3b --steps 3 --warmup 1 $VLLM_ARG \
         rollout.max_new_tokens=128 ${THROUGHPUT_OVERRIDES:-} --out "$R/throughput.json"
     stage cuda-tests 30 $PY -m pytest -q -p no:cacheprovider -m cuda tests kernels/tests
@@ -210,10 +212,10 @@ headline = {"kernel-tests": lambda: pytest_line("kernel-tests"), "kernels-bench"
 rows = [line.split("\t") for line in (work / "status.tsv").read_text().splitlines()]
 summary = []
 for name, status, secs, note in rows:
-    try:
-        head = headline[name]() if status == "ok" else note
+    try:  # a failed stage may still have written results (a bench that lost one point of several)
+        head = "; ".join(x for x in (note, headline[name]()) if x)
     except Exception as e:  # a results file of another shape: say so, keep the table
-        head = f"(no headline: {type(e).__name__}: {e})"
+        head = f"{note} (no headline: {type(e).__name__}: {e})"
     summary.append({"stage": name, "status": status, "seconds": int(secs), "headline": head, "note": note})
 for s in summary:
     if s["status"] != "ok":

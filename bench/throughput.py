@@ -179,7 +179,8 @@ def worker_main() -> int:
 
             side = TRLSide(cfg, Path(cfg.model.path), Path(cfg.train.output_dir), len(point.schedule), device)
             info = {"flop_params": flop_params(side.model), "rollout_backend": "transformers generate (TRL)",
-                    "pack": False, "vision_once": False, "loss_backend": "TRL (logits + selective_log_softmax)"}  # fmt: skip
+                    "pack": False, "vision_once": False, "loss_backend": "TRL (logits + selective_log_softmax)",
+                    "rows_per_micro_batch": side.rows_per_micro}  # fmt: skip
         else:
             side = EngineSide(cfg)
             info = side.info()
@@ -520,10 +521,12 @@ def print_point(name: str, s: dict[str, Any], info: dict[str, Any], n_steps: int
 def print_matrix(summary: dict[str, Any]) -> None:
     names = [p for p in (*PHASES, "other") if any(p in s["phases"] for s in summary.values())]
     width = max(12, *(len(n) for n in summary))
-    print(f"\n{'point':{width}s} {'s/step':>8s} " + " ".join(f"{p[:8]:>8s}" for p in names)
+    print(f"\nper point: s/step and each phase's median (a mixed schedule: means), peak memory, throughput")
+    print(f"{'point':{width}s} {'s/step':>8s} " + " ".join(f"{p[:8]:>8s}" for p in names)
           + f" {'peak GiB':>8s} {'gen tok/s':>9s} {'train tok/s':>11s}")  # fmt: skip
     for name, s in summary.items():
-        cells = " ".join(f"{s['phases'][p]['median']:8.4f}" if p in s["phases"] else f"{'-':>8s}" for p in names)
+        stat = "mean" if "schedule_mean_s" in s else "median"  # a mixed schedule: means, as its s/step
+        cells = " ".join(f"{s['phases'][p][stat]:8.4f}" if p in s["phases"] else f"{'-':>8s}" for p in names)
         t = s["throughput"]
         print(f"{name:{width}s} {step_cost(s):8.4f} {cells} {s['peak_gib']['step']:8.2f} {t['generated_tok_s']:9.0f} "
               f"{t['trained_tok_s']:11.0f}")  # fmt: skip

@@ -5,9 +5,14 @@ the same checkpoint (``model.path`` or the embedded base model), task rows, rewa
 reward function per component of the engine's ``RewardSpec``, weighted as the engine weights
 them), G, completion budget, sampling temperature / top-p (top-k off), learning rate, AdamW
 betas, weight decay and gradient clip, clip range, advantage normalisation and loss
-aggregation (``GRPO_ARGS``), one optimizer step per generation (no old-log-prob pass, as the
+aggregation (``grpo_args``), one optimizer step per generation (no old-log-prob pass, as the
 engine with ``algo.updates_per_step=1``), no gradient checkpointing, fp32 on CPU and bf16
-autocast over fp32 weights on CUDA (as the engine).
+autocast over fp32 weights on CUDA (as the engine). Micro-batches: the engine packs up to
+``train.max_tokens_per_micro_batch`` tokens into a forward; TRL takes as many padded rows per
+forward as fit that budget at the longest prompt plus the completion budget (``micro_rows``:
+the largest divisor of B x G that fits), accumulating gradients over the rest
+(``gradient_accumulation_steps`` = ``steps_per_generation``, so it still generates once per
+optimizer step and needs no old log-probs).
 
 What differs is TRL's own path, which is what is compared: each prompt is repeated G times
 and every row is processed on its own (the chat template and image processor run B x G
@@ -55,15 +60,21 @@ from visurf_engine.telemetry import PhaseTimer
 LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
 
 
-def grpo_args(cfg: Config, output_dir: Path, max_steps: int, cuda: bool):
+def micro_rows(rows: int, row_tokens: int, budget: int) -> int:
+    """The largest divisor of ``rows`` whose padded rows of ``row_tokens`` fit ``budget`` tokens (at least 1)."""
+    return max(d for d in range(1, rows + 1) if rows % d == 0 and (d == 1 or d * row_tokens <= budget))
+
+
+def grpo_args(cfg: Config, output_dir: Path, max_steps: int, cuda: bool, rows_per_micro: int):
     """The ``GRPOConfig`` of the engine's ``cfg`` (module docstring)."""
     r, a, t = cfg.rollout, cfg.algo, cfg.train
+    accumulate = t.batch_size * r.n // rows_per_micro
     return GRPOConfig(
         output_dir=str(output_dir), max_steps=max_steps, seed=t.seed, report_to=[], save_strategy="no",
         logging_steps=10**9, disable_tqdm=True, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False,
         dataloader_num_workers=0, log_completions=False,
-        num_generations=r.n, per_device_train_batch_size=t.batch_size * r.n, gradient_accumulation_steps=1,
-        steps_per_generation=1, num_iterations=1, max_completion_length=r.max_new_tokens,
+        num_generations=r.n, per_device_train_batch_size=rows_per_micro, gradient_accumulation_steps=accumulate,
+        steps_per_generation=accumulate, num_iterations=1, max_completion_length=r.max_new_tokens,
         temperature=r.temperature, top_p=r.top_p, top_k=0,
         learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=t.weight_decay,
         adam_beta1=t.betas[0], adam_beta2=t.betas[1], max_grad_norm=t.grad_clip,
@@ -85,7 +96,13 @@ class TRLSide:
         processor.tokenizer.padding_side = "left"
         dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r.problem}], "image": r.image,
                                       "solution": r.solution} for r in rows])  # fmt: skip
-        args = grpo_args(cfg, output_dir, max_steps, device.type == "cuda")
+        prompt_len = max(len(ids) for ids in processor(
+            text=[processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.problem}]}],
+                                                add_generation_prompt=True, tokenize=False) for r in rows[:32]],
+            images=[r.image for r in rows[:32]])["input_ids"])  # fmt: skip
+        self.rows_per_micro = micro_rows(cfg.train.batch_size * cfg.rollout.n, prompt_len + cfg.rollout.max_new_tokens,
+                                         cfg.train.max_tokens_per_micro_batch)  # fmt: skip
+        args = grpo_args(cfg, output_dir, max_steps, device.type == "cuda", self.rows_per_micro)
         args.reward_weights = [spec.weights[c] for c in spec.components]
         side = self
 
@@ -141,8 +158,8 @@ class TimedGRPOTrainer(GRPOTrainer):
             inputs = super()._prepare_inputs(generation_batch)
         finally:
             self._in_prepare = False
-        if self.model.training and self._timer is not None:
-            self._update = self._timer("update")  # closed at on_step_end: forward, loss, backward, optimizer
+        if self.model.training and self._timer is not None and self._update is None:
+            self._update = self._timer("update")  # closed at on_step_end: forwards, losses, backwards, optimizer
             self._update.__enter__()
         return inputs
 

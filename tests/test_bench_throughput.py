@@ -71,3 +71,12 @@ def test_bad_arguments_are_named(argv, message, capsys):
 def test_bad_config_key_is_named(capsys):
     assert throughput.main(["rollout.nn=4"]) == 2
     assert "unknown config key 'rollout.nn'" in capsys.readouterr().err
+
+
+def test_trl_micro_batches_fit_the_engine_token_budget():
+    pytest.importorskip("trl")
+    trl_peer = _load("trl_peer")
+    assert trl_peer.micro_rows(32, 106, 8192) == 32  # the tiny default: one forward, as the engine's one packed row
+    assert trl_peer.micro_rows(32, 428, 8192) == 16  # 3B, 448 px, 128 tokens: two forwards
+    assert trl_peer.micro_rows(12, 5000, 8192) == 1  # a row longer than half the budget: one row a forward
+    assert trl_peer.LOSS_TYPE["token-mean"] == "dapo"  # token-mean over the generation batch, as the engine's
