@@ -691,7 +691,7 @@ def main(argv=None) -> int:
     if args.mode == "paradigms":
         payload["paradigms"] = paradigm_summary(workers, summary)
         print_paradigms(payload["paradigms"])
-    elif args.mode == "peer" and len(summary) > 1:
+    elif args.mode == "peer" and "engine" in summary and len(summary) > 1:
         payload["peer"] = peer_summary(summary)
         print_peer(payload["peer"], skipped)
     elif args.mode == "sweep":
