@@ -62,7 +62,7 @@ once and cached). A random-init model never stops early, so every completion is
 Prints the tables and writes JSON (``provenance``: device, versions, commit, date, command;
 every measured step) to ``bench/results/throughput-<mode>-<device>-<date>.json`` (and the
 sweep's PNGs beside it). ``--quick`` is a smoke run of any mode (a 3-step warm start, tiny
-batches, 1 + 1 steps; not for the record).
+batches, 1 + 2 steps; not for the record).
 """
 
 from __future__ import annotations
@@ -258,6 +258,8 @@ def schedule(cfg: Config, steps: int, warmup: int) -> tuple[list[tuple[int, bool
     """The step indices of one point and the overrides they need (module docstring: ``sft_then_rlvr``)."""
     if cfg.algo.paradigm != "sft_then_rlvr":
         return [(i, i >= warmup) for i in range(warmup + steps)], [f"train.steps={warmup + steps}"]
+    if steps < 2:
+        raise ConfigError("sft_then_rlvr needs --steps >= 2 (its SFT and its RLVR steps are both measured)")
     split = cfg.algo.sft_steps / cfg.train.steps if cfg.algo.sft_steps >= 0 else 0.5
     n_sft = min(max(round(split * steps), 1), steps - 1)
     s = warmup + n_sft
@@ -599,8 +601,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every point (e.g. rollout.n=8)")
     ap.add_argument("--config", help="YAML config (default: the embedded default)")
-    ap.add_argument("--steps", type=int, default=8, help="measured steps per point (default 8)")
-    ap.add_argument("--warmup", type=int, default=2, help="steps per point run first and not counted (default 2)")
+    ap.add_argument("--steps", type=int, help="measured steps per point (default 8; --quick: 2)")
+    ap.add_argument("--warmup", type=int, help="steps per point run first and not counted (default 2; --quick: 1)")
     ap.add_argument("--paradigms", type=_paradigms_arg, help="e.g. sft,rlvr,visurf,sft_then_rlvr")
     ap.add_argument("--peer", choices=["trl"], help="TRL's GRPOTrainer beside the engine's rlvr")
     ap.add_argument("--sweep", type=_sweep_arg, action="append", help="KEY=V1,V2,... (repeatable)")
@@ -613,18 +615,17 @@ def parse_args(argv=None):
     ap.add_argument("--vllm-python", help="with --peer: the interpreter of the rollout.backend=vllm point (a vLLM "
                     "environment, e.g. .venv-vllm/bin/python; default: this one)")
     ap.add_argument("--peak-tflops", type=float, help="the MFU's peak (default on CUDA: a measured bf16 matmul)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny settings, 1 warm-up + 1 measured step")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny settings, 1 warm-up + 2 measured steps")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/throughput-<mode>-<device>-<date>.json)")
     args = ap.parse_args(argv)
     if sum(map(bool, (args.paradigms, args.peer, args.sweep))) > 1:
         ap.error("choose one mode: --paradigms, --peer or --sweep")
+    args.steps = args.steps if args.steps is not None else 2 if args.quick else 8
+    args.warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
     if args.quick:
-        args.steps, args.warmup = 2 if args.paradigms and "sft_then_rlvr" in args.paradigms else 1, 1
         args.overrides = QUICK + args.overrides
     if args.steps < 1 or args.warmup < 0:
         ap.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
-    if args.paradigms and "sft_then_rlvr" in args.paradigms and args.steps < 2:
-        ap.error("--paradigms with sft_then_rlvr needs --steps >= 2 (SFT and RLVR steps are both measured)")
     if args.image_pixels is not None and not args.random_init:
         ap.error("--image-pixels needs --random-init")
     args.mode = "paradigms" if args.paradigms else "peer" if args.peer else "sweep" if args.sweep else "profile"
@@ -634,16 +635,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        for key, values in args.sweep or []:
-            for v in values:
-                load_config(args.config, args.overrides + [f"{key}={v}"])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     run_dir = Path(tempfile.mkdtemp(prefix="visurf-throughput-"))
+    base = {"config": args.config, "overrides": list(args.overrides)}
     try:
+        try:  # every point's config and schedule first: a bad key or value stops here, named
+            cfg = load_config(args.config, args.overrides)
+            points, skipped = make_points(args)
+            finish_points(points, args, base, run_dir)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
         if args.random_init:
             pixels = args.image_pixels or (84 * 84 if args.random_init == "tiny" else 448 * 448)
             path = write_random_model(cfg, args.random_init, pixels, run_dir / "model")
@@ -653,13 +654,7 @@ def main(argv=None) -> int:
 
             path = prepare_base_model(cfg, progress=sys.stderr.isatty())
             model_note = str(path) if cfg.model.path else "the embedded warm-started base model (tiny)"
-        base = {"config": args.config, "overrides": args.overrides + [f"model.path={path}"]}
-        points, skipped = make_points(args)
-        try:
-            finish_points(points, args, base, run_dir)
-        except ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
+        base["overrides"].append(f"model.path={path}")
         for name, reason in skipped.items():
             print(f"skipping {name}: {reason}")
         peak = args.peak_tflops or (measure_matmul_tflops() if cuda else None)

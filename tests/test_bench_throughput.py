@@ -60,7 +60,6 @@ def test_fit_growth():
     (["--paradigms", "sft,grpo"], "unknown grpo"),
     (["--paradigms", "rlvr,visurf", "--peer", "trl"], "choose one mode"),
     (["--image-pixels", "1000"], "needs --random-init"),
-    (["--paradigms", "sft_then_rlvr", "--steps", "1"], "needs --steps >= 2"),
 ])  # fmt: skip
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -71,6 +70,11 @@ def test_bad_arguments_are_named(argv, message, capsys):
 def test_bad_config_key_is_named(capsys):
     assert throughput.main(["rollout.nn=4"]) == 2
     assert "unknown config key 'rollout.nn'" in capsys.readouterr().err
+
+
+def test_sft_then_rlvr_needs_two_measured_steps():
+    with pytest.raises(throughput.ConfigError, match="needs --steps >= 2"):
+        throughput.schedule(load_config(None, ["algo.paradigm=sft_then_rlvr"]), steps=1, warmup=1)
 
 
 def test_trl_micro_batches_fit_the_engine_token_budget():
