@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Every GPU-only check and benchmark of the project, in one call that fits a lent GPU's lease
-# (stages in order of value, each under its own time budget, all inside BUDGET_S = 470 s):
+# (the correctness checks first, then the benchmarks by value, each under its own time budget, all
+# inside BUDGET_S = 470 s; a stage gets at most what is left):
 #
 #   kernel-tests    kernels/tests on CUDA: the Triton kernels against the float64 oracle
+#   cuda-tests      pytest -m cuda (the tests that need a CUDA device: CUDA graphs, storage addresses)
 #   kernels-bench   bench/kernels.py: the fused loss at the Qwen2.5-VL-3B and -7B head shapes, Liger's
 #                   fused GRPO loss beside ours (skipped by the bench, with the reason, without liger_kernel)
-#   weight-sync     bench/weight_sync.py at the 3B shapes, if the file exists (vLLM engine skipped without vllm)
+#   throughput      bench/throughput.py --peer trl on a random-init 3B (1 warm-up + 3 steps a side, 128-token
+#                   completions, 448x448 images): per-phase times, tokens/s, MFU, NVML, TRL side by side
 #   update-bench    bench/update.py on GPU (random-init 3B, G = 8, 448x448 images: the padded layout at its
 #                   840x840 default would put ~72 x 3600 patches through the vision tower with autograd,
 #                   an estimated 150+ GB): padded vs packed vs packed + vision once
-#   throughput      bench/throughput.py --peer trl on a random-init 3B (1 warm-up + 3 steps a side, 128-token
-#                   completions, 448x448 images): per-phase times, tokens/s, MFU, NVML, TRL side by side
-#   cuda-tests      pytest -m cuda (the tests that need a CUDA device: CUDA graphs, storage addresses)
+#   weight-sync     bench/weight_sync.py at the 3B shapes, if the file exists (vLLM engine skipped without vllm)
 #
 # Usage:
 #   bench/gpu.sh                  on the GPU machine; results: $OUT (the device tool's folder) or --out DIR gets
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
         --dry-run) MODE=dry ;;
         --fetch-wheels) MODE=fetch ;;
         --out) OUTDIR=${2:?--out needs a folder}; shift ;;
-        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -136,24 +137,26 @@ wait_build() {
 
 R="$WORK/results"
 VLLM_ARG=${VLLM_PYTHON:+--vllm-python $VLLM_PYTHON}
+# the files that hold cuda-marked tests (collecting only them: a broken optional stack elsewhere cannot stop them)
+CUDA_TESTS=$(grep -l "mark\.cuda" tests/*.py kernels/tests/*.py 2>/dev/null | tr '\n' ' ')
 if [ "$MODE" = gpu ]; then
-    stage kernel-tests 100 $PY -m pytest -q -p no:cacheprovider kernels/tests
+    stage kernel-tests 90 $PY -m pytest -q -p no:cacheprovider kernels/tests
+    stage cuda-tests 75 $PY -m pytest -q -p no:cacheprovider -m cuda $CUDA_TESTS
     stage kernels-bench 60 $PY bench/kernels.py --out "$R/kernels.json"
-    [ -f bench/weight_sync.py ] && stage weight-sync 40 $PY bench/weight_sync.py --models qwen2.5-vl-3b --reps 5 --out "$R/weight_sync.json"
     wait_build
-    stage update-bench 100 $PY bench/update.py --groups 8 --image 448 --reps 3 --out "$R/update.json"
     stage throughput 150 $PY bench/throughput.py --peer trl --random-init qwen2.5-vl-3b --steps 3 --warmup 1 $VLLM_ARG \
         rollout.max_new_tokens=128 ${THROUGHPUT_OVERRIDES:-} --out "$R/throughput.json"
-    stage cuda-tests 30 $PY -m pytest -q -p no:cacheprovider -m cuda tests kernels/tests
+    stage update-bench 90 $PY bench/update.py --groups 8 --image 448 --reps 3 --out "$R/update.json"
+    [ -f bench/weight_sync.py ] && stage weight-sync 40 $PY bench/weight_sync.py --models qwen2.5-vl-3b --reps 5 --out "$R/weight_sync.json"
 else
     stage kernel-tests 60 $PY -m pytest -q -p no:cacheprovider --collect-only kernels/tests
+    stage cuda-tests 90 $PY -m pytest -q -p no:cacheprovider -m cuda $CUDA_TESTS
     stage kernels-bench 60 $PY bench/kernels.py --quick --tokens 64 --reps 1 --out "$R/kernels.json"
-    [ -f bench/weight_sync.py ] && stage weight-sync 60 $PY bench/weight_sync.py --models tiny --engines replica --reps 1 --out "$R/weight_sync.json"
     wait_build
-    stage update-bench 90 $PY bench/update.py --quick --out "$R/update.json"
     stage throughput 120 $PY bench/throughput.py --peer trl --random-init tiny --quick $VLLM_ARG ${THROUGHPUT_OVERRIDES:-} \
         --out "$R/throughput.json"
-    stage cuda-tests 90 $PY -m pytest -q -p no:cacheprovider -m cuda tests kernels/tests
+    stage update-bench 90 $PY bench/update.py --quick --out "$R/update.json"
+    [ -f bench/weight_sync.py ] && stage weight-sync 60 $PY bench/weight_sync.py --models tiny --engines replica --reps 1 --out "$R/weight_sync.json"
 fi
 wait_build
 

@@ -68,6 +68,7 @@ batches, 1 + 2 steps; not for the record).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import pickle
@@ -328,7 +329,11 @@ def write_random_model(cfg: Config, preset: str, pixels: int, path: Path) -> Pat
     rows = load_task(cfg, spec).train[:500]
     tokenizer = train_tokenizer([r.problem for r in rows] + [spec.render(r.solution, s) for r in rows for s in spec.styles])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return save_random_checkpoint(preset, path, tokenizer, pixels=pixels, device=device)
+    path = save_random_checkpoint(preset, path, tokenizer, pixels=pixels, device=device)
+    if device == "cuda":  # give the workers the memory the initialisation held
+        gc.collect()
+        torch.cuda.empty_cache()
+    return path
 
 
 def measure_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
