@@ -186,7 +186,10 @@ def worker_main() -> int:
             side = EngineSide(cfg)
             info = side.info()
         sampler = NvmlSampler.open()
-        info |= {"memory_kind": PeakMemory(device).kind, "nvml": sampler is not None, "python": sys.executable}
+        import visurf_engine
+
+        info |= {"memory_kind": PeakMemory(device).kind, "nvml": sampler is not None, "python": sys.executable,
+                 "engine": str(Path(visurf_engine.__file__).parent)}  # fmt: skip
         conn.send(("ready", info))
 
         def next_step():
@@ -210,6 +213,16 @@ def worker_main() -> int:
     return 0
 
 
+def worker_env() -> dict[str, str]:
+    """This environment, with the engine and kernels this process imported first on ``PYTHONPATH``,
+    so that a worker in another interpreter (a vLLM environment) runs the same code."""
+    import visurf_engine
+    import visurf_kernels
+
+    paths = [str(Path(m.__file__).resolve().parents[1]) for m in (visurf_engine, visurf_kernels)]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(paths + [p for p in (os.environ.get("PYTHONPATH"),) if p])}
+
+
 class Worker:
     """The coordinator's handle on one point's worker process (``python`` runs it: another
     interpreter, e.g. a vLLM environment, can hold a point)."""
@@ -217,7 +230,7 @@ class Worker:
     def __init__(self, point: Point, base: dict[str, Any]):
         self.point = point
         self.process = subprocess.Popen([point.python or sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE)  # fmt: skip
+                                        stdout=subprocess.PIPE, env=worker_env())  # fmt: skip
         self.conn = _Pipe(self.process.stdout, self.process.stdin)
         self.conn.send((point, base))
         self.info = self._expect("ready")
@@ -281,7 +294,7 @@ def peer_unavailable(args, side: str) -> str | None:
     except ConfigError as e:
         return f"this engine has no rollout.backend=vllm ({e})"
     python = args.vllm_python or sys.executable
-    check = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True)
+    check = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True, env=worker_env())
     if check.returncode:
         last = (check.stderr.strip().splitlines() or ["?"])[-1]
         return (f"vllm is not importable by {python} ({last}); --vllm-python names an environment that has it "
