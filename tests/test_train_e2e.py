@@ -36,12 +36,24 @@ def test_paradigm_runs_and_writes_metrics_and_checkpoint(paradigm, cache, tmp_pa
         assert all({"reward/gold", "adv/gold", "gold/smooth_rate"} <= set(l) for l in steps)
     if paradigm == "sft_then_rlvr":
         assert [l["phase/sft"] for l in steps] == [1.0, 0.0]
+    for l in steps:  # token counts and per-phase time / peak memory (bench/throughput.py reads them)
+        sft, gold = l["phase/sft"] == 1.0 or paradigm == "sft", paradigm == "visurf" or l["phase/sft"] == 1.0
+        assert (l["tokens/generated"] == 0) == sft and (l["tokens/trained"] > l["tokens/generated"]) == gold
+        assert l["tokens/prompt"] > 0 and l["mem/step"] >= l["mem/update"] > 0 and "time/update" in l
+        assert ("time/rollout" in l) != sft
     assert {"giou", "n_acc", "bbox_acc"} <= set(results["final"]) and set(results["base"]) == set(results["final"])
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_000002"
     saved = load_file(str(ckpts / "step_000002" / "model.safetensors"))
     assert all(torch.equal(saved[k], after[k]) for k in saved)
     assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_updates_per_step_time_their_old_logprob_pass(cache, tmp_path):
+    trainer = Trainer(small_cfg(cache, tmp_path, "algo.paradigm=visurf", "algo.updates_per_step=2", "train.steps=1"))
+    trainer.policy.model.train()
+    m = trainer.step(0)
+    assert m["time/old_logprobs"] > 0 and m["mem/old_logprobs"] > 0 and math.isfinite(m["loss"])
 
 
 def test_resume_is_bit_exact(cache, tmp_path):

@@ -19,6 +19,13 @@ rank (``Learner.step``); the trainer counts it (``train/skipped_steps``, cumulat
 checkpoints), warns with the step and the members' sample ids, and after
 ``train.max_skipped_steps`` consecutive skips stops with ``NonFiniteError`` before the step is
 checkpointed, so the last checkpoint is one from before the failure.
+
+``step`` returns the step's metrics, among them the wall time and peak memory of each phase
+(``time/<phase>``, ``mem/<phase>``: ``telemetry.PhaseTimer``; phases encode, rollout, reward,
+gold, reference, old_logprobs, update, sync) and this rank's token counts: ``tokens/generated``
+(the rollouts' completion tokens), ``tokens/trained`` (every member's completion tokens, the
+gold's included: the tokens with a loss) and ``tokens/prompt`` (the prompt tokens in front of
+them, once per member: the update's forward runs prompt + completion for each member).
 """
 
 from __future__ import annotations
@@ -118,7 +125,7 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
         cfg, a, dp = self.cfg, self.cfg.algo, self.dp
-        timer = PhaseTimer()
+        timer = PhaseTimer(self.world.device)
         phase = self.paradigm.phase(step, self.sft_steps)
         m: dict[str, float] = {"phase/sft": float(phase.name == "sft"), "reward/failures": 0.0}
         with timer("data"):
@@ -154,13 +161,21 @@ class Trainer:
                 ref = self.reference.logprobs(prompts, members.prompt.tolist(), members.tokens,
                                               self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
                 members.ref_logp = list(torch.split(ref, members.lengths.tolist()))
+        if a.updates_per_step > 1:  # later mini-batches are off-policy: keep the pre-update log-probs
+            with timer("old_logprobs"):
+                old = self.policy.logprobs(prompts, members.prompt.tolist(), members.tokens,
+                                           self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
+                members.old_logp = list(torch.split(old, members.lengths.tolist()))
         with timer("update"):
             m |= self._update(step, prompts, members, members.labels([r.id for r in rows]))
         with timer("sync"):
             self.rollout.sync_weights(self.learner.export_weights())
-        lengths = members.lengths.numpy()
-        m["len/rollout"] = float(np.mean(lengths[~members.gold.numpy()])) if rollouts else float("nan")
-        m["len/gold"] = float(np.mean(lengths[members.gold.numpy()])) if gold_tokens else float("nan")
+        lengths, gold = members.lengths.numpy(), members.gold.numpy()
+        m["len/rollout"] = float(np.mean(lengths[~gold])) if rollouts else float("nan")
+        m["len/gold"] = float(np.mean(lengths[gold])) if gold_tokens else float("nan")
+        m["tokens/generated"] = float(lengths[~gold].sum())
+        m["tokens/trained"] = float(lengths.sum())
+        m["tokens/prompt"] = float(sum(len(prompts.input_ids[p]) for p in members.prompt.tolist()))
         m["lr"] = self.learner.lr
         return m | timer.metrics()
 
@@ -208,16 +223,14 @@ class Trainer:
         return [self.policy.encode_text(t) for t in gold.texts], rewards, m, gold.failures
 
     def _update(self, step: int, prompts: Prompts, members: Members, labels: list[str]) -> dict[str, float]:
-        """``algo.updates_per_step`` optimizer steps over ``members`` (sample ids ``labels``), in micro-batches.
+        """``algo.updates_per_step`` optimizer steps over ``members`` (sample ids ``labels``), in
+        micro-batches (with more than one, against the pre-update log-probs ``step`` put in
+        ``members.old_logp``).
 
         With the engine's sampling log-probs it also measures the rollout/trainer mismatch on
         this rank's rollout tokens (``algo.mismatch``) against the pre-update log-probs: the
         update's own ``logp`` (one update per step) or the old-log-prob pass, no extra forward."""
         cfg, a = self.cfg, self.cfg.algo
-        if a.updates_per_step > 1:  # later mini-batches are off-policy: keep the pre-update log-probs
-            old = self.policy.logprobs(prompts, members.prompt.tolist(), members.tokens,
-                                       self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
-            members.old_logp = list(torch.split(old, members.lengths.tolist()))
         sums, mismatch = defaultdict(float), defaultdict(float)
         for chunk in np.array_split(np.arange(len(members)), a.updates_per_step):
             part = members.select(chunk.tolist())

@@ -6,14 +6,21 @@ RoPE; vision: 32 blocks of width 1280, window attention with four full-attention
 2x2 merge to the text width). ``real_shape_config(name, tokenizer)`` builds one with the
 special-token ids of ``tokenizer`` (the tiny preset's offline tokenizer has the Qwen special
 tokens, at low ids inside the real vocabulary), so the engine's code path is the real one
-and only the weights are random.
+and only the weights are random. ``save_random_checkpoint`` writes such a model (or the tiny
+preset) as a local checkpoint directory, which the trainer loads through ``model.path`` like
+any real one.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig
 
-from .tiny import SPECIAL_TOKENS
+from . import attention
+from .hf import ImageOnlyProcessor, image_processor_for
+from .tiny import SPECIAL_TOKENS, tiny_config
 
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")  # fmt: skip
@@ -51,3 +58,23 @@ def real_shape_config(name: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=shape["tie_word_embeddings"],
     )
+
+
+def save_random_checkpoint(name: str, path: str | Path, tokenizer: PreTrainedTokenizerFast, *, pixels: int,
+                           dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                           seed: int = 0) -> Path:  # fmt: skip
+    """Write a random-init Qwen2.5-VL of architecture ``name`` (``tiny`` or a key of ``SHAPES``)
+    to ``path``: weights in ``dtype`` (``save_pretrained``), ``tokenizer`` and an image
+    processor that takes every image to ``pixels`` pixels (min = max). The weights are
+    initialised on ``device`` (a GPU makes a 3B model in seconds) with ``seed``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = tiny_config(tokenizer) if name == "tiny" else real_shape_config(name, tokenizer)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attention.NAME, dtype=dtype)
+    path = Path(path)
+    model.save_pretrained(path)
+    ImageOnlyProcessor(image_processor_for(pixels), tokenizer, chat_template=tokenizer.chat_template).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
