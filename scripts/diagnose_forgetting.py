@@ -9,9 +9,11 @@ the probe split of the run's config (count / colour questions post-training neve
 - **teacher-forced log-probs of the probe target** ``<answer>{solution}</answer><|im_end|>``,
   per part: the opening tag, the content, the closing tag, the end of turn, and the entropy of
   the policy at each part (the fused no-grad pass, as training scores);
-- **what replaces ``</answer>``**: the policy's most likely next token right after the
-  content (teacher-forced), counted over rows, and the share of rows whose top token is not
-  the closing tag's first token.
+- **what replaces the answer**: at the first content position (right after ``<answer>``,
+  teacher-forced) the mean probability of the end-of-turn token and the share of rows where
+  it is the most likely token (an answer closed before it starts); right after the content,
+  the policy's most likely next token, counted over rows, and the share of rows whose top
+  token is not the closing tag's first token.
 
 Prints one table and writes ``forgetting.json`` next to each run's ``metrics.jsonl``.
 """
@@ -72,7 +74,7 @@ def diagnose(policy: Policy, rows) -> dict:
     logp, entropy = fused_logprobs(hidden, policy.lm_head_weight, batch.targets, LossSpec(with_entropy=True))
     per_row = torch.split(torch.stack([logp, entropy], 1), batch.lengths.tolist())
     parts = {p: {"logp": 0.0, "entropy": 0.0, "tokens": 0} for p in PARTS}
-    replaced, close_first = Counter(), 0
+    replaced, close_first, eos_p, eos_top = Counter(), 0, 0.0, 0
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), batch.lengths.cumsum(0)])
     for k, (values, sl) in enumerate(zip(per_row, slices)):
         for p in PARTS:
@@ -84,12 +86,16 @@ def diagnose(policy: Policy, rows) -> dict:
         top = int((hidden[at] @ policy.lm_head_weight.T).argmax())
         replaced[policy.tokenizer.decode([top])] += 1
         close_first += top == targets[k][sl["close"].start]
+        first = torch.softmax(hidden[int(offsets[k]) + sl["content"].start] @ policy.lm_head_weight.T, dim=-1)
+        eos_p += float(first[policy.eos_id])
+        eos_top += int(first.argmax()) == policy.eos_id
     summary = {p: {"logp_per_token": v["logp"] / max(v["tokens"], 1), "entropy": v["entropy"] / max(v["tokens"], 1)}
                for p, v in parts.items()}  # fmt: skip
     return {
         "rows": len(rows), "greedy": {k: kinds[k] / len(rows) for k in ("correct", "wrong", "think_leak", "unterminated", "other")},
         "target": summary, "top_after_content": dict(replaced.most_common(6)),
-        "close_not_top": 1 - close_first / len(rows), "examples": texts[:6],
+        "close_not_top": 1 - close_first / len(rows), "eos_at_content": eos_p / len(rows),
+        "eos_top_at_content": eos_top / len(rows), "examples": texts[:6],
     }  # fmt: skip
 
 
@@ -125,12 +131,13 @@ def main(argv=None) -> int:
         results[str(run)] = diagnose(policy, rows)
         (run / "forgetting.json").write_text(json.dumps({"base": results["base"], "final": results[str(run)]}, indent=1))
     print(f"{'model':40s} {'correct':>7s} {'leak':>6s} {'unterm':>6s} {'lp open':>8s} {'lp cont':>8s} {'lp close':>8s} "
-          f"{'H close':>7s} {'close!top':>9s}  top after content")  # fmt: skip
+          f"{'H cont':>7s} {'P(eos)':>7s} {'eos top':>7s} {'close!top':>9s}")  # fmt: skip
     for name, r in results.items():
         g, t = r["greedy"], r["target"]
         print(f"{name[-40:]:40s} {g['correct']:7.2f} {g['think_leak']:6.2f} {g['unterminated']:6.2f} "
               f"{t['open']['logp_per_token']:8.3f} {t['content']['logp_per_token']:8.3f} {t['close']['logp_per_token']:8.3f} "
-              f"{t['close']['entropy']:7.3f} {r['close_not_top']:9.2f}  {r['top_after_content']}")  # fmt: skip
+              f"{t['content']['entropy']:7.3f} {r['eos_at_content']:7.3f} {r['eos_top_at_content']:7.2f} "
+              f"{r['close_not_top']:9.2f}")  # fmt: skip
     return 0
 
 
