@@ -18,6 +18,7 @@ import time
 from .config import ConfigError, load_config
 from .eval.evaluate import format_table
 from .parallel.data_parallel import init_world
+from .provenance import provenance
 from .tasks import prepare_base_model
 from .trainer import NonFiniteError, Trainer
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
         print(f"\n{cfg.algo.paradigm}: {cfg.train.steps} steps in {wall:.0f} s; outputs in {cfg.train.output_dir}")
         print(format_table(results))
-        (trainer.out / "eval.json").write_text(json.dumps(results | {"wall_s": wall}, indent=1))
+        (trainer.out / "eval.json").write_text(json.dumps(results | {"wall_s": wall, "provenance": provenance()}, indent=1))
     return 0
 
 

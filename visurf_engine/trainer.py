@@ -32,19 +32,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
-from visurf_kernels import kl_penalty
 
 from . import checkpoint as ckpt
 from .algo.gold import make_gold
-from .algo.members import Members, build_members, per_token, sequence_weights
-from .algo.mismatch import mismatch_sums
+from .algo.members import Members, build_members, sequence_weights
 from .algo.paradigms import GroupRewards, Phase, get_paradigm
+from .algo.update_stats import UpdateStats
 from .config import Config
 from .data import PromptSampler, Row, fetch_rows
 from .eval.evaluate import evaluate
@@ -231,7 +229,7 @@ class Trainer:
         this rank's rollout tokens (``algo.mismatch``) against the pre-update log-probs: the
         update's own ``logp`` (one update per step) or the old-log-prob pass, no extra forward."""
         cfg, a = self.cfg, self.cfg.algo
-        sums, mismatch = defaultdict(float), defaultdict(float)
+        stats_of_update = UpdateStats(a.kl_estimator, self.loss_spec.tis_cap)
         for chunk in np.array_split(np.arange(len(members)), a.updates_per_step):
             part = members.select(chunk.tolist())
             counts = all_reduce_sum(torch.tensor([len(part), int(part.lengths.sum())], dtype=torch.float64), self.dp)
@@ -242,34 +240,13 @@ class Trainer:
             batches = [make_micro_batch(self.policy, prompts, x, w, self.batching) for x, w in micro]
             finite = True
             for (x, _), (loss, stats) in zip(micro, self.learner.forward_backward(batches)):
-                rollout_tok = per_token(~x.gold, x.lengths).to(stats["logp"].device)
                 finite &= math.isfinite(loss.item())
-                sums["loss"] += loss.item()
-                sums["clipped"] += stats["clipped"].float().sum().item()
-                sums["tokens"] += float(x.lengths.sum())
-                sums["entropy"] += stats["entropy"][rollout_tok].sum().item()
-                sums["rollout_tokens"] += rollout_tok.sum().item()
-                if x.ref_logp is not None:
-                    kl = kl_penalty(stats["logp"], torch.cat(x.ref_logp).to(stats["logp"].device), a.kl_estimator)
-                    sums["kl"] += kl[rollout_tok].sum().item()
-                if x.rollout_logp is not None:
-                    trainer_logp = torch.cat(x.old_logp) if x.old_logp is not None else stats["logp"]
-                    diff = mismatch_sums(trainer_logp, torch.cat(x.rollout_logp), self.loss_spec.tis_cap)
-                    for k, v in diff.items():
-                        mismatch[k] += v
+                stats_of_update.add(x, loss, stats)
             update = self.learner.step(cfg.train.grad_clip, loss_finite=finite)
-            sums["grad_norm"] += update.grad_norm
+            stats_of_update.add_step(update.grad_norm)
             self._count_skip(step, update.skipped, update.grad_norm, [labels[j] for j in chunk])
-        n = a.updates_per_step
-        out = {"loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n, "clip_frac": sums["clipped"] / max(sums["tokens"], 1)}
-        out["entropy"] = sums["entropy"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
-        if self.reference is not None:
-            out["kl"] = sums["kl"] / sums["rollout_tokens"] if sums["rollout_tokens"] else float("nan")
-        names = {"abs": "mismatch/logp_abs", "kl": "mismatch/kl", "truncated": "mismatch/tis_truncated"}
-        if mismatch["tokens"]:
-            out |= {names[k]: v / mismatch["tokens"] for k, v in mismatch.items() if k != "tokens"}
+        out = stats_of_update.metrics(a.updates_per_step)
         return out | {"train/skipped_steps": self.skips["total"]}
-
 
     def _count_skip(self, step: int, skipped: bool, grad_norm: float, labels: list[str]) -> None:
         """Count an optimizer step of ``step`` the guard skipped, naming its members on this rank."""

@@ -1,0 +1,79 @@
+"""Regenerate (or check) the README's default-run tables: ``python scripts/readme_table.py [--check]``.
+
+Two blocks of ``README.md``, each between its markers:
+
+- ``default-run``: the one-run table (base vs final) of ``runs/default/eval.json``, which
+  ``torchrun -m visurf_engine.train`` writes, with the run's wall time and the package versions
+  it ran on;
+- ``default-seeds``: the default's mean ± std over seeds, the comparison's ``visurf`` row of
+  ``docs/results/results.json`` (``python -m visurf_engine.compare --config configs/compare_shapes.yaml``,
+  whose shared config is the default's).
+
+``--check`` rewrites nothing and exits 1 when either block differs from what the files say
+(e.g. after a fresh clone's default run: the README's table is what a newcomer gets, or not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("giou", "ciou", "n_acc", "bbox_acc", "parse_rate", "probe_acc", "probe_acc/colour", "probe_acc/count")
+SEED_METRICS = ("giou", "n_acc", "bbox_acc", "probe_acc", "probe_delta")
+
+
+def one_run(eval_json: Path) -> str:
+    r = json.loads(eval_json.read_text())
+    lines = ["| metric | base | final |", "|---|---:|---:|"]
+    lines += [f"| {m} | {r['base'][m]:.4f} | {r['final'][m]:.4f} |" for m in METRICS if m in r["final"]]
+    pinned = ("torch", "transformers", "tokenizers", "numpy", "pillow")
+    versions = ", ".join(f"{k} {v}" for k, v in r.get("provenance", {}).get("versions", {}).items() if k in pinned)
+    tail = f"\n\nWall time of that run: {r['wall_s'] / 60:.1f} min" + (f"; {versions}." if versions else ".")
+    return "\n".join(lines) + tail
+
+
+def seeds(results_json: Path, config: str = "visurf") -> str:
+    s = json.loads(results_json.read_text())["summary"]
+    row, base = s["configs"][config], s["base"]
+    fmt = lambda v: f"{v['mean']:.3f} ± {v['std']:.3f}"  # noqa: E731
+    lines = ["| | " + " | ".join(SEED_METRICS) + " | seeds |", "|---|" + "---:|" * (len(SEED_METRICS) + 1)]
+    lines.append("| base model | " + " | ".join(fmt(base[m]) if m in base else "" for m in SEED_METRICS) + " | |")
+    lines.append(f"| default ({config}) | " + " | ".join(fmt(row[m]) for m in SEED_METRICS) + f" | {row['n_acc']['n']} |")
+    runs = sorted((r["seed"], r["final"]["n_acc"]) for r in json.loads(results_json.read_text())["runs"] if r["name"] == config)
+    return "\n".join(lines) + "\n\nFinal N-Acc per seed: " + ", ".join(f"seed {s} {v:.3f}" for s, v in runs) + "."
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- BEGIN {name}: scripts/readme_table.py -->", f"<!-- END {name} -->"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {begin} ... {end} block")
+    return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README differs; rewrite nothing")
+    ap.add_argument("--eval", type=Path, default=ROOT / "runs" / "default" / "eval.json")
+    ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "results.json")
+    args = ap.parse_args(argv)
+    readme = ROOT / "README.md"
+    old = readme.read_text()
+    new = replace_block(replace_block(old, "default-run", one_run(args.eval)), "default-seeds", seeds(args.results))
+    if args.check:
+        if new != old:
+            print("README.md's default-run tables differ from", args.eval, "and", args.results)
+            return 1
+        print("README.md's default-run tables match")
+        return 0
+    readme.write_text(new)
+    print("README.md updated" if new != old else "README.md already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
