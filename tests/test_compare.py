@@ -38,7 +38,9 @@ def cache(tmp_path_factory):
 
 
 REPO_PLAN = Path(__file__).resolve().parent.parent / "configs" / "compare_shapes.yaml"
-CONFIGS = ["sft", "rlvr", "sft_then_rlvr", "visurf", "visurf_no_align", "visurf_no_eliminate", "visurf_no_smooth"]
+CONFIGS = ["sft", "rlvr", "sft_then_rlvr", "visurf", "rlvr_no_kl", "sft_then_rlvr_no_kl", "visurf_no_kl",
+           "visurf_no_align", "visurf_no_eliminate", "visurf_no_smooth"]
+ABLATIONS = CONFIGS[-3:]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +144,14 @@ def test_bad_comparison_files(compare, tmp_path):
         compare.load_plan(plan({"compare": {"runs": {"a": []}, "seeds": [1, 1]}}))
     with pytest.raises(ConfigError, match="not a valid run name"):
         compare.load_plan(plan({"compare": {"runs": {"a/b": []}}}))
+    with pytest.raises(ConfigError, match=r"compare.runs.a.seeds"):
+        compare.load_plan(plan({"compare": {"runs": {"a": {"overrides": [], "seeds": []}}}}))
+    with pytest.raises(ConfigError, match=r"compare.runs.a: expected keys overrides"):
+        compare.load_plan(plan({"compare": {"runs": {"a": {"seeds": [0]}}}}))
+    own = compare.load_plan(plan({"compare": {"seeds": [0, 1, 2], "runs": {"a": [], "b": {"overrides": [], "seeds": [1, 2]}}}}))
+    assert [(j.name, j.seed) for j in compare.make_jobs(own)] == [("a", 0), ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    own.only_seeds([2])
+    assert [(j.name, j.seed) for j in compare.make_jobs(own)] == [("a", 2), ("b", 2)]
     p = compare.load_plan(plan({"compare": {"runs": {"a": ["algo.paradigmm=sft"]}}}))
     with pytest.raises(ConfigError, match=r"run a \(seed 0\).*algo.paradigmm"):
         compare.make_jobs(p)
@@ -150,11 +160,16 @@ def test_bad_comparison_files(compare, tmp_path):
 
 def test_repo_plan_covers_the_issue(compare):
     plan = compare.load_plan(REPO_PLAN)
-    assert list(plan.runs) == CONFIGS and len(plan.seeds) >= 3
+    assert list(plan.runs) == CONFIGS and len(plan.seeds) == 5
+    assert all(plan.seeds_of(n) == [0, 1, 2] for n in ABLATIONS) and plan.seeds_of("visurf") == plan.seeds
     jobs = compare.make_jobs(plan)
-    assert {(j.cfg.algo.paradigm, j.cfg.algo.align, j.cfg.algo.eliminate, j.cfg.algo.smooth) for j in jobs} == {
-        ("sft", True, True, True), ("rlvr", True, True, True), ("sft_then_rlvr", True, True, True),
-        ("visurf", True, True, True), ("visurf", False, True, True), ("visurf", True, False, True), ("visurf", True, True, False),
-    }
+    assert len(jobs) == 7 * 5 + 3 * 3
+    kl = plan.config["algo"]["kl_coef"]
+    assert {(j.cfg.algo.paradigm, j.cfg.algo.align, j.cfg.algo.eliminate, j.cfg.algo.smooth, j.cfg.algo.kl_coef) for j in jobs} == {
+        ("sft", True, True, True, 0), ("rlvr", True, True, True, kl), ("sft_then_rlvr", True, True, True, kl),
+        ("visurf", True, True, True, kl), ("rlvr", True, True, True, 0), ("sft_then_rlvr", True, True, True, 0),
+        ("visurf", True, True, True, 0), ("visurf", False, True, True, kl), ("visurf", True, False, True, kl),
+        ("visurf", True, True, False, kl),
+    }  # every RL paradigm with the shared KL coefficient and without it
     assert len({(j.cfg.train.steps, j.cfg.data.seed, j.cfg.data.probe_size) for j in jobs}) == 1  # same budget and data
     assert jobs[0].cfg.data.probe_size > 0 and jobs[0].cfg.train.eval_every > 0

@@ -110,4 +110,4 @@ def test_kl_penalty_against_the_frozen_base_model(cache, tmp_path):
     ref, pol = trainer.reference.model.state_dict(), trainer.policy.model.state_dict()
     assert set(ref) == set(base) and all(torch.equal(ref[k], base[k]) for k in base)  # the reference stayed the base model
     assert any(not torch.equal(pol[k], ref[k]) for k in ref)  # while the policy trained
-    assert Trainer(small_cfg(cache, tmp_path / "nokl", "train.steps=1")).reference is None  # kl_coef 0: no reference pass
+    assert Trainer(small_cfg(cache, tmp_path / "nokl", "train.steps=1", "algo.kl_coef=0")).reference is None  # no reference pass

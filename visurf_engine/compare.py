@@ -11,9 +11,9 @@ The comparison file has two sections::
       output_dir: runs/compare_shapes   # one run per <output_dir>/<name>/seed<k>/
       seeds: [0, 1, 2]                  # train.seed of each run
       docs: docs/results.md             # results page to (re)generate; null: none
-      runs:                             # name -> key=value overrides of that configuration
-        sft: [algo.paradigm=sft]
-        visurf_no_smooth: [algo.paradigm=visurf, algo.smooth=false]
+      runs:                             # name -> key=value overrides of that configuration, or
+        sft: [algo.paradigm=sft]        #   {overrides: [...], seeds: [...]} with seeds of its own
+        visurf_no_smooth: {overrides: [algo.paradigm=visurf, algo.smooth=false], seeds: [0, 1, 2]}
     config:                             # the training config every run shares (sections as in configs/*.yaml)
       train: {steps: 60, eval_every: 10}
 
@@ -35,7 +35,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,15 @@ class Plan:
     runs: dict[str, list[str]]
     config: dict[str, Any]
     docs: Path | None
+    run_seeds: dict[str, list[int]] = field(default_factory=dict)  # runs with seeds of their own
+
+    def seeds_of(self, name: str) -> list[int]:
+        return self.run_seeds.get(name, self.seeds)
+
+    def only_seeds(self, seeds: list[int]) -> None:
+        """Keep ``seeds`` (``--seeds``): the plan's seeds, and of each run's own those among them."""
+        self.seeds = seeds
+        self.run_seeds = {k: [s for s in v if s in seeds] for k, v in self.run_seeds.items()}
 
 
 @dataclass
@@ -96,29 +105,41 @@ def load_plan(path: str | Path) -> Plan:
     unknown = set(c) - {"output_dir", "seeds", "docs", "runs"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) compare.{', compare.'.join(sorted(unknown))}")
-    seeds, runs = c.get("seeds", [0]), c.get("runs") or {}
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{path}: compare.seeds: expected a non-empty list of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{path}: compare.seeds: repeated seed in {seeds}")
-    if not isinstance(runs, dict) or not runs:
+    seeds, entries = _seeds(path, "compare.seeds", c.get("seeds", [0])), c.get("runs") or {}
+    if not isinstance(entries, dict) or not entries:
         raise ConfigError(f"{path}: compare.runs: expected a mapping of run name -> list of key=value overrides")
-    for name, overrides in runs.items():
+    runs, run_seeds = {}, {}
+    for name, entry in entries.items():
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(f"{path}: compare.runs: {name!r} is not a valid run name (letters, digits, _ . -)")
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-            raise ConfigError(f"{path}: compare.runs.{name}: expected a list of key=value strings, got {overrides!r}")
+        if isinstance(entry, dict):
+            if set(entry) - {"overrides", "seeds"} or "overrides" not in entry:
+                raise ConfigError(f"{path}: compare.runs.{name}: expected keys overrides (and seeds), got {sorted(entry)}")
+            if "seeds" in entry:
+                run_seeds[name] = _seeds(path, f"compare.runs.{name}.seeds", entry["seeds"])
+            entry = entry["overrides"]
+        if not isinstance(entry, list) or not all(isinstance(o, str) for o in entry):
+            raise ConfigError(f"{path}: compare.runs.{name}: expected a list of key=value strings, got {entry!r}")
+        runs[name] = entry
     return Plan(
         source=str(path), output_dir=Path(c.get("output_dir") or f"runs/{path.stem}"), seeds=seeds, runs=runs,
-        config=data.get("config") or {}, docs=Path(c["docs"]) if c.get("docs") else None,
+        config=data.get("config") or {}, docs=Path(c["docs"]) if c.get("docs") else None, run_seeds=run_seeds,
     )
+
+
+def _seeds(path: Path, key: str, seeds: Any) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{path}: {key}: expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: {key}: repeated seed in {seeds}")
+    return seeds
 
 
 def make_jobs(plan: Plan, overrides: list[str] = ()) -> list[Job]:
     """Every (configuration, seed) run with its validated config, configuration-major."""
     jobs = []
     for name, run_overrides in plan.runs.items():
-        for seed in plan.seeds:
+        for seed in plan.seeds_of(name):
             run_dir = plan.output_dir / name / f"seed{seed}"
             try:
                 cfg = config_from_mapping(
@@ -207,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = load_plan(args.config)
         if args.seeds:
-            plan.seeds = args.seeds
+            plan.only_seeds(args.seeds)
         if args.runs:
             names = args.runs.split(",")
             missing = set(names) - set(plan.runs)

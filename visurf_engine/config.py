@@ -53,7 +53,7 @@ class DataConfig:
     on_bad_row: str = "error"  # error | skip (counted and logged)
     train_size: int = 2000  # shapes task sizes
     eval_size: int = 200
-    absent_ratio: float = 0.3  # share of shapes queries whose object is absent
+    absent_ratio: float = 0.5  # share of shapes queries whose object is absent (train and eval splits)
     probe_size: int | None = None  # forgetting-probe rows (count / colour questions) scored at every evaluation; shapes only; None: 100 on shapes, else 0
     seed: int = 1234
 
@@ -121,7 +121,7 @@ class AlgoConfig:
     gold_loss: str = "ppo"  # ppo (same clipped surrogate as rollouts) | logprob (-A* log pi)
     aggregation: str = "token-mean"
     updates_per_step: int = 1  # optimizer steps per batch (>1 needs an old-log-prob pass)
-    kl_coef: float = 0.0  # KL penalty against the frozen base model (0: none, and no reference pass)
+    kl_coef: float = 0.05  # KL penalty against the frozen base model, every phase (0: none, and no reference pass)
     kl_estimator: str = "k3"  # k1 | k2 | k3 (= verl low_var_kl, TRL's)
     rollout_correction: str = "none"  # none | tis: token weight x min(pi_old / pi_rollout, tis_cap); rollout.backend=vllm
     tis_cap: float = 2.0  # C of the truncated importance ratio
@@ -134,7 +134,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 8  # prompts per step (each brings G rollouts [+ gold])
     pack: bool = True  # packed sequences (no padding, attention within each sequence); false: right-padded rows
     vision_once: bool = True  # the vision tower once per prompt image per forward, shared by its members
