@@ -306,15 +306,16 @@ def make_points(args) -> tuple[list[Point], dict[str, str]]:
     skipped: dict[str, str] = {}
     if args.paradigms:
         points = [Point(p, "engine", [f"algo.paradigm={p}"]) for p in args.paradigms]
-    elif args.peer:
-        points = [Point("engine", "engine", ["algo.paradigm=rlvr"])]
+    elif args.peer:  # plain GRPO on both sides: no KL penalty (the default has one), one update per step
+        grpo = ["algo.paradigm=rlvr", "algo.kl_coef=0"]
+        points = [Point("engine", "engine", grpo)]
         for name, side, extra in (("engine+vllm", "engine", ["rollout.backend=vllm"]), ("trl", "trl", [])):
             reason = peer_unavailable(args, side)
             if reason:
                 skipped[name] = reason
             else:
                 python = args.vllm_python if name == "engine+vllm" else None
-                points.append(Point(name, side, ["algo.paradigm=rlvr", *extra], python=python))
+                points.append(Point(name, side, [*grpo, *extra], python=python))
     elif args.sweep:
         points = [Point(f"{key}={v}", "engine", [f"{key}={v}"]) for key, values in args.sweep for v in values]
     else:
