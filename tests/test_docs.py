@@ -1,8 +1,12 @@
 """The documented defaults are the code's: README's config reference and configs/default.yaml
-against ``visurf_engine.config``'s dataclass defaults."""
+against ``visurf_engine.config``'s dataclass defaults; ``scripts/readme_table.py`` writes the
+README's default-run tables and its ``--check`` fails on a changed metric, not on wall time."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import random
 import re
 from pathlib import Path
 
@@ -111,3 +115,40 @@ def test_default_yaml_is_the_no_argument_default(path):
 
     written = config_from_mapping(yaml.safe_load((ROOT / path).read_text()), source=path)
     assert written.to_dict() == load_config().to_dict()
+
+
+def _readme_table():
+    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "scripts" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_writes_and_checks(tmp_path, capsys):
+    rt, rng = _readme_table(), random.Random()
+    metrics = {m: rng.random() for m in rt.METRICS}
+    run = {"base": metrics, "final": {m: rng.random() for m in rt.METRICS}, "wall_s": 400.0 + rng.random(),
+           "provenance": {"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}}}
+    stat = lambda: {"mean": rng.random(), "std": rng.random(), "n": 5}  # noqa: E731
+    results = {"summary": {"base": {m: stat() for m in rt.SEED_METRICS}, "configs": {"visurf": {m: stat() for m in rt.SEED_METRICS}}},
+               "runs": [{"name": "visurf", "seed": s, "final": {"n_acc": rng.random()}} for s in range(5)]}
+    ev, res, readme = tmp_path / "eval.json", tmp_path / "results.json", tmp_path / "README.md"
+    ev.write_text(json.dumps(run))
+    res.write_text(json.dumps(results))
+    readme.write_text("intro\n<!-- BEGIN default-run: scripts/readme_table.py -->\n<!-- END default-run -->\nmiddle\n"
+                      "<!-- BEGIN default-seeds: scripts/readme_table.py -->\nstale\n<!-- END default-seeds -->\nend\n")
+    args = ["--eval", str(ev), "--results", str(res), "--readme", str(readme)]
+    assert rt.main([*args, "--check"]) == 1  # empty / stale blocks
+    assert rt.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("\nend\n") and "stale" not in text
+    assert f"| n_acc | {metrics['n_acc']:.4f} | {run['final']['n_acc']:.4f} |" in text
+    assert rt.main([*args, "--check"]) == 0
+    run["wall_s"] += 100  # another machine's wall time: still the same table
+    ev.write_text(json.dumps(run))
+    assert rt.main([*args, "--check"]) == 0
+    run["final"]["giou"] += 1e-3  # a metric that moved: the check fails and names the row
+    ev.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert rt.main([*args, "--check"]) == 1
+    assert "missing row | giou |" in capsys.readouterr().out
