@@ -138,6 +138,12 @@ def test_write_report_files(tmp_path):
     assert "- `python -m visurf_engine.compare --config c.yaml` at commit `abc123` on m\n" in md  # one line per session
     assert "- `python -m visurf_engine.compare --config c.yaml --runs rlvr` at commit `unknown` on m\n" in md
     assert "Page generated today by `python -m visurf_engine.compare --config c.yaml --report-only`" in md
+    pinned = SESSION | {"uncommitted_changes": True, "threads": {"torch": 1},
+                        "versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0", "numpy": "2.4.6", "trl": "1.16.0"}}
+    md = report._markdown(write_report([result("visurf", 0, {"giou": 0.3}, session=pinned)], fake_runs(), tmp_path, pinned),
+                          {"training_curves": "t.png", "heldout_curves": "h.png"})
+    assert ("- `python -m visurf_engine.compare --config c.yaml` at commit `abc123` (with uncommitted changes) on m, "
+            "transformers 5.24.0, numpy 2.4.6, 1 torch thread(s)\n") in md  # what the numbers depend on, trl is not
 
 
 def test_results_doc_keeps_the_hand_written_reading(tmp_path):
