@@ -15,7 +15,9 @@ the probe split of the run's config (count / colour questions post-training neve
   the policy's most likely next token, counted over rows, and the share of rows whose top
   token is not the closing tag's first token.
 
-Prints one table and writes ``forgetting.json`` next to each run's ``metrics.jsonl``.
+Prints one table and writes ``forgetting.json`` next to each run's ``metrics.jsonl``; ``--reuse``
+reads that file instead of recomputing, ``--by-config`` adds the mean over each configuration's
+runs (``runs/compare_shapes/<configuration>/seed<k>``).
 """
 
 from __future__ import annotations
@@ -118,26 +120,51 @@ def load_run(run: Path):
     return cfg, Policy(model.eval(), processor), Policy(base_model.eval(), processor)
 
 
+COLUMNS = (("correct", lambda r: r["greedy"]["correct"], "7.2f"), ("leak", lambda r: r["greedy"]["think_leak"], "6.2f"),
+           ("unterm", lambda r: r["greedy"]["unterminated"], "6.2f"),
+           ("lp open", lambda r: r["target"]["open"]["logp_per_token"], "8.3f"),
+           ("lp cont", lambda r: r["target"]["content"]["logp_per_token"], "8.3f"),
+           ("lp close", lambda r: r["target"]["close"]["logp_per_token"], "8.3f"),
+           ("H cont", lambda r: r["target"]["content"]["entropy"], "7.3f"), ("P(eos)", lambda r: r["eos_at_content"], "7.3f"),
+           ("eos top", lambda r: r["eos_top_at_content"], "7.2f"), ("close!top", lambda r: r["close_not_top"], "9.2f"))  # fmt: skip
+
+
+def print_table(rows: dict[str, list[dict]]) -> None:
+    """One line per name: the column values, averaged over the name's results."""
+    print(f"{'model':40s} " + " ".join(f"{c:>{int(f.split('.')[0])}s}" for c, _, f in COLUMNS) + "   n")
+    for name, rs in rows.items():
+        cells = " ".join(format(sum(get(r) for r in rs) / len(rs), f) for _, get, f in COLUMNS)
+        print(f"{name[-40:]:40s} {cells} {len(rs):3d}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--reuse", action="store_true", help="read a run's forgetting.json when it has one")
+    ap.add_argument("--by-config", action="store_true",
+                    help="also print the mean over the runs of each configuration (the run directory's parent)")
     args = ap.parse_args(argv)
     results = {}
     for run in args.runs:
+        saved = run / "forgetting.json"
+        if args.reuse and saved.is_file():
+            data = json.loads(saved.read_text())
+            results.setdefault("base", data["base"])
+            results[str(run)] = data["final"]
+            continue
         cfg, policy, base = load_run(run)
         rows = make_probe_split(cfg.data.probe_size, seed=cfg.data.seed + 1)
         if "base" not in results:
             results["base"] = diagnose(base, rows)
         results[str(run)] = diagnose(policy, rows)
-        (run / "forgetting.json").write_text(json.dumps({"base": results["base"], "final": results[str(run)]}, indent=1))
-    print(f"{'model':40s} {'correct':>7s} {'leak':>6s} {'unterm':>6s} {'lp open':>8s} {'lp cont':>8s} {'lp close':>8s} "
-          f"{'H cont':>7s} {'P(eos)':>7s} {'eos top':>7s} {'close!top':>9s}")  # fmt: skip
-    for name, r in results.items():
-        g, t = r["greedy"], r["target"]
-        print(f"{name[-40:]:40s} {g['correct']:7.2f} {g['think_leak']:6.2f} {g['unterminated']:6.2f} "
-              f"{t['open']['logp_per_token']:8.3f} {t['content']['logp_per_token']:8.3f} {t['close']['logp_per_token']:8.3f} "
-              f"{t['content']['entropy']:7.3f} {r['eos_at_content']:7.3f} {r['eos_top_at_content']:7.2f} "
-              f"{r['close_not_top']:9.2f}")  # fmt: skip
+        saved.write_text(json.dumps({"base": results["base"], "final": results[str(run)]}, indent=1))
+    print_table({name: [r] for name, r in results.items()})
+    if args.by_config:
+        groups = {"base": [results["base"]]}
+        for run in args.runs:
+            groups.setdefault(run.parent.name, []).append(results[str(run)])
+        print("\nmean over each configuration's runs")
+        print_table(groups)
     return 0
 
 
