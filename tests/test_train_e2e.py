@@ -80,7 +80,9 @@ def test_cli_prints_table_and_rejects_bad_keys(cache, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| metric | base | final |" in out and "| n_acc |" in out
-    assert json.loads((tmp_path / "eval.json").read_text())["final"]["parse_rate"] >= 0
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["final"]["parse_rate"] >= 0 and saved["wall_s"] > 0 and saved["base_model_s"] >= 0
+    assert saved["provenance"]["commit"] is None or len(saved["provenance"]["commit"]) == 40
     assert main(["algo.paradigmm=sft"]) == 2
     assert "unknown config key 'algo.paradigmm'" in capsys.readouterr().err
 
