@@ -33,7 +33,7 @@ def one_run(eval_json: Path) -> str:
     lines += [f"| {m} | {r['base'][m]:.4f} | {r['final'][m]:.4f} |" for m in METRICS if m in r["final"]]
     pinned = ("torch", "transformers", "tokenizers", "numpy", "pillow")
     versions = ", ".join(f"{k} {v}" for k, v in r.get("provenance", {}).get("versions", {}).items() if k in pinned)
-    base = f" after {r['base_model_s'] / 60:.1f} min building the base model" if "base_model_s" in r else ""
+    base = f", plus {r['base_model_s']:.0f} s to build or load the base model" if "base_model_s" in r else ""
     tail = f"\n\nWall time of that run: {r['wall_s'] / 60:.1f} min{base}" + (f"; {versions}." if versions else ".")
     return "\n".join(lines) + tail
 
