@@ -91,7 +91,7 @@ from scaling import describe, fit_growth, plot_sweep  # noqa: E402
 
 from visurf_engine.algo.paradigms import PARADIGMS  # noqa: E402
 from visurf_engine.config import Config, ConfigError, load_config  # noqa: E402
-from visurf_engine.parallel.data_parallel import init_world  # noqa: E402
+from visurf_engine.parallel.world import init_world  # noqa: E402
 from visurf_engine.provenance import device_name, result_path, write_result  # noqa: E402
 from visurf_engine.telemetry import NvmlSampler, PeakMemory  # noqa: E402
 

@@ -49,7 +49,7 @@ from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for
 from visurf_engine.models.policy import Policy
 from visurf_engine.models.presets import real_shape_config
 from visurf_engine.models.tiny import SPECIAL_TOKENS, tiny_config, train_tokenizer
-from visurf_engine.parallel.data_parallel import World
+from visurf_engine.parallel.world import World
 from visurf_engine.provenance import device_name, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"

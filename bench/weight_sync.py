@@ -107,7 +107,7 @@ def vllm_engine(model, processor, tmp: Path):
 
 
 def replica_engine(model, processor, tmp: Path):
-    replica = Replica(model, torch.bfloat16)
+    replica = Replica.copy_of(model, torch.bfloat16)
     return replica, torch.bfloat16, lambda: replica.sync(model.named_parameters())
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from engine_testing.runs import SMALL, run_script
 from visurf_engine import checkpoint as ckpt
-from visurf_engine.parallel.data_parallel import World
+from visurf_engine.learners import Learner
+from visurf_engine.parallel.world import World
 from visurf_engine.telemetry import lines_up_to
 
 RUN = SMALL + ["train.steps=4", "train.save_every=1", "train.eval_every=2", "data.probe_size=0"]
@@ -73,15 +75,24 @@ def test_lines_up_to_drops_later_and_torn_lines():
     assert lines_up_to('{"step": 0}\n{"step": 1}', 1) == ['{"step": 0}\n']  # unterminated
 
 
+class LinearLearner(Learner):
+    """The default (whole-model) checkpoint format over a linear layer; nothing else is used."""
+
+    def __init__(self):
+        self.policy = SimpleNamespace(model=torch.nn.Linear(3, 2))
+        self.optimizer = torch.optim.AdamW(self.policy.model.parameters())
+
+    forward_backward = logprobs = clip_grads = zero_grads = export_weights = load_weights = None
+
+
 def test_checkpoint_files_are_fsynced_before_the_renames_that_publish_them(tmp_path, monkeypatch):
     root, events = tmp_path.resolve(), []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters())
+    learner = LinearLearner()
     for step in (1, 2, 3):
-        ckpt.save(root, step, model, opt.state_dict(), {"step": step}, World(), sharded_optimizer=False, keep=2)
+        ckpt.save(root, step, learner, {"step": step}, World(), keep=2)
     synced = lambda until: {e[1] for e in events[:until] if e[0] == "fsync"}  # noqa: E731
     renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "replace"]
     assert [Path(dst).name for _, _, dst in renames] == ["step_000001", "latest", "step_000002", "latest", "step_000003", "latest"]

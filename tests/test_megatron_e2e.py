@@ -93,5 +93,5 @@ def test_parallel_keys_need_the_megatron_backend():
         load_config(None, ["parallel.tp=2"])
     with pytest.raises(ConfigError, match="parallel.pp: must be > 0"):
         load_config(None, ["model.backend=megatron", "parallel.pp=0"])
-    with pytest.raises(ConfigError, match="model.backend: 'nemo' is not one of hf, megatron"):
+    with pytest.raises(ConfigError, match="model.backend: 'nemo' is not one of hf, fsdp, megatron"):
         load_config(None, ["model.backend=nemo"])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from engine_testing.runs import FAULT_PARADIGMS, SMALL, run_script, small_cfg
 from visurf_engine.algo.paradigms import PARADIGMS
 from visurf_engine.learners.base import Learner
-from visurf_engine.parallel.data_parallel import World
+from visurf_engine.parallel.world import World
 from visurf_engine.trainer import NonFiniteError, Trainer
 
 RUN = ["algo.paradigm=visurf_nan_at_2", "train.steps=3", "train.save_every=1", "train.keep_checkpoints=3",
@@ -102,6 +102,9 @@ class Toy(Learner):
         return self.model.named_parameters()
 
     def load_weights(self, named):
+        raise NotImplementedError
+
+    def logprobs(self, prompts, idx, completions, batching):
         raise NotImplementedError
 
 

@@ -21,7 +21,7 @@ from visurf_engine.learners.base import make_micro_batch
 from visurf_engine.learners.hf import HFLearner
 from visurf_engine.models.collate import Batching
 from visurf_engine.models.prompts import Prompts
-from visurf_engine.parallel.data_parallel import World
+from visurf_engine.parallel.world import World
 
 SPEC = LossSpec(temperature=0.9, eps_low=0.2, eps_high=0.28, dual_clip=3.0, backend="torch", with_entropy=True)
 PADDED = Batching(pack=False, vision_once=False, max_seqs=3)

@@ -48,9 +48,9 @@ def adamw_step(model: torch.nn.Module) -> None:
 def test_replica_sync_maps_every_parameter_once_and_casts(tie):
     policy = tiny_policy(tie)
     model = policy.model
-    replica = Replica(model, torch.bfloat16)
-    assert sorted(name for name, _ in replica.pairs) == sorted(name for name, _ in model.named_parameters())
-    assert len({id(p) for _, p in replica.pairs}) == len(replica.pairs) == len(list(replica.model.parameters()))
+    replica = Replica.copy_of(model, torch.bfloat16)
+    assert sorted(replica.targets) == sorted(name for name, _ in model.named_parameters())
+    assert len({id(p) for p in replica.targets.values()}) == len(replica.targets) == len(list(replica.model.parameters()))
     assert replica.plan.aliases == ({"lm_head.weight": "model.language_model.embed_tokens.weight"} if tie else {})
     assert replica.model.lm_head.weight is replica.model.model.language_model.embed_tokens.weight or not tie
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in replica.model.parameters())
@@ -74,7 +74,7 @@ def test_replica_rollouts_follow_the_trainer_through_the_sync(static_cache):
     prompts = prompts_of(policy)
     cfg = RolloutConfig(max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET,
                         hf=HFRolloutConfig(replica=True, dtype="float32", static_cache=static_cache))  # fmt: skip
-    rollout = HFRollout(policy, cfg)
+    rollout = HFRollout(policy, cfg, replica=Replica.copy_of(policy.model, torch.float32))
     shared = HFRollout(policy, RolloutConfig(max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET))
     assert rollout.generator.model is not policy.model
     assert rollout.cache_implementation == ("static" if static_cache else None)
@@ -94,7 +94,7 @@ def test_replica_rollouts_follow_the_trainer_through_the_sync(static_cache):
 def test_replica_sync_is_one_cuda_graph_with_fixed_addresses():
     policy = tiny_policy(device="cuda")
     model = policy.model
-    replica = Replica(model, torch.bfloat16)
+    replica = Replica.copy_of(model, torch.bfloat16)
     replica.sync(model.named_parameters())
     assert replica.captured
     before = [p.data_ptr() for p in replica.model.parameters()]
@@ -116,8 +116,10 @@ def test_static_cache_graph_decode_matches_eager_on_cuda():
     policy = tiny_policy(device="cuda")
     prompts = prompts_of(policy)
     hf = dict(replica=True, dtype="float32")
-    graph = HFRollout(policy, RolloutConfig(max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET, hf=HFRolloutConfig(**hf)))
+    graph = HFRollout(policy, RolloutConfig(max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET, hf=HFRolloutConfig(**hf)),
+                      replica=Replica.copy_of(policy.model, torch.float32))  # fmt: skip
     eager = HFRollout(policy, RolloutConfig(max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET,
-                                            hf=HFRolloutConfig(**hf, static_cache=False)))  # fmt: skip
+                                            hf=HFRolloutConfig(**hf, static_cache=False)),
+                      replica=Replica.copy_of(policy.model, torch.float32))  # fmt: skip
     assert graph.cache_implementation == "static"
     assert graph.greedy(prompts) == eager.greedy(prompts)

@@ -7,7 +7,8 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from visurf_engine.models.tiny import tiny_config, train_tokenizer
-from visurf_engine.rollout.weight_sync import SyncPlan, TensorSpec, checkpoint_name, checkpoint_specs, module_specs
+from visurf_engine.models.weights import TensorSpec, checkpoint_name, checkpoint_specs, module_specs
+from visurf_engine.rollout.weight_sync import SyncPlan
 
 
 def tiny_model(tie: bool) -> Qwen2_5_VLForConditionalGeneration:

@@ -2,9 +2,10 @@
 
 Layout under ``<output_dir>/checkpoints/``::
 
-    step_000020/model.safetensors     policy weights (safetensors; tied weights stored once)
-    step_000020/optimizer.pt          optimizer state (a learner with a sharded optimizer, e.g.
-                                      model.backend=megatron: optimizer_rank{r}.pt, each rank's own)
+    step_000020/...                   the learner's weights and optimizer state (``Learner.save_state``):
+                                      model.safetensors + optimizer.pt (hf: the whole model, HF names);
+                                      model.safetensors + optimizer_rank{r}.pt (megatron); state/ (fsdp:
+                                      a torch.distributed.checkpoint directory, each rank its shards)
     step_000020/rng_rank{r}.pt        python / numpy / torch (+ CUDA) RNG states of rank r
     step_000020/state.json            step, data-sampler position, base (and final) evaluation, skipped-step
                                       counts (the non-finite guard), config
@@ -16,6 +17,7 @@ fsynced by the rank that wrote it, and a directory before and after the rename t
 its content, so a power loss cannot publish a name whose data never reached the disk (rename
 orders nothing by itself). ``save`` runs the whole sequence on every rank of a world (rank 0
 writes the shared files); the newest ``keep`` checkpoints are kept (``train.keep_checkpoints``).
+``python -m visurf_engine.export`` turns any of them into a Hugging Face checkpoint.
 """
 
 from __future__ import annotations
@@ -27,45 +29,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 
-from .durable import fsync, write_atomic
-from .parallel.data_parallel import World, barrier
+from .durable import durable, fsync, write_atomic
+from .parallel.world import World, barrier
 from .rng import rng_state, set_rng_state
 
 
-def _durable(path: Path, write) -> None:
-    """``write(path)``, then fsync the file."""
-    write(path)
-    fsync(path)
-
-
-def save_checkpoint(
-    root: Path, step: int, model: torch.nn.Module, optimizer_state: dict | None, state: dict[str, Any], rank: int = 0
-) -> Path:
-    """Write checkpoint ``step`` (rank 0 writes weights/optimizer/state; each rank its RNG).
-    ``optimizer_state=None``: each rank writes its own with ``save_optimizer_shard``.
-
-    Multi-rank callers must barrier between this call on all ranks and ``commit_checkpoint``.
-    """
+def begin_checkpoint(root: Path, step: int, state: dict[str, Any], rank: int = 0) -> Path:
+    """``step_N.tmp`` with ``state.json`` in it (rank 0 creates it; the others find it after a barrier)."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"step_{step:06d}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _durable(tmp / "model.safetensors", lambda p: save_model(model, str(p)))  # tied weights stored once
-        if optimizer_state is not None:
-            _durable(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
-        _durable(tmp / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+        durable(tmp / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
     return tmp
 
 
 def save_rng(tmp: Path, rank: int) -> None:
-    _durable(tmp / f"rng_rank{rank}.pt", lambda p: torch.save(rng_state(), p))
-
-
-def save_optimizer_shard(tmp: Path, rank: int, optimizer_state: dict) -> None:
-    _durable(tmp / f"optimizer_rank{rank}.pt", lambda p: torch.save(optimizer_state, p))
+    durable(tmp / f"rng_rank{rank}.pt", lambda p: torch.save(rng_state(), p))
 
 
 def commit_checkpoint(root: Path, step: int, keep: int = 2) -> Path:
@@ -83,16 +65,13 @@ def commit_checkpoint(root: Path, step: int, keep: int = 2) -> Path:
     return final
 
 
-def save(
-    root: Path, step: int, model: torch.nn.Module, optimizer_state: dict, state: dict[str, Any], world: World,
-    *, sharded_optimizer: bool, keep: int = 2,
-) -> None:  # fmt: skip
-    """Checkpoint ``step`` from every rank of ``world``: shared files, RNGs, optimizer shards, commit."""
-    tmp = save_checkpoint(root, step, model, None if sharded_optimizer else optimizer_state, state, world.rank)
+def save(root: Path, step: int, learner, state: dict[str, Any], world: World, *, keep: int = 2) -> None:
+    """Checkpoint ``step`` from every rank of ``world``: state, the learner's weights and
+    optimizer (``Learner.save_state``), RNGs, commit."""
+    tmp = begin_checkpoint(root, step, state, world.rank)
     barrier(world)
+    learner.save_state(tmp, world)
     save_rng(tmp, world.rank)
-    if sharded_optimizer:
-        save_optimizer_shard(tmp, world.rank, optimizer_state)
     barrier(world)
     if world.is_main:
         commit_checkpoint(root, step, keep)
@@ -109,10 +88,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict[str, Any], dict]:
-    """Restore the weights into ``model`` and this rank's RNG; ``(state.json, this rank's optimizer state)``."""
-    load_model(model, str(path / "model.safetensors"), strict=True)
-    shared = path / "optimizer.pt"
-    optimizer_state = torch.load(shared if shared.is_file() else path / f"optimizer_rank{rank}.pt", weights_only=False)
+def load_checkpoint(path: Path, learner, rank: int = 0) -> dict[str, Any]:
+    """Restore the learner's weights and optimizer (``Learner.load_state``) and this rank's RNG;
+    returns ``state.json``."""
+    learner.load_state(path, rank)
     set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))
-    return json.loads((path / "state.json").read_text()), optimizer_state
+    return json.loads((path / "state.json").read_text())

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_from_mapping
-from .parallel.data_parallel import World, barrier, init_world
+from .parallel.world import World, barrier, init_world
 from .provenance import provenance as provenance_of
 from .report import read_metrics, write_report, write_results_doc
 from .tasks import prepare_base_model

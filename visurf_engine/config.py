@@ -30,8 +30,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str | None = None  # local Hugging Face checkpoint dir (Qwen2-VL / Qwen2.5-VL); None -> `preset`
     preset: str = "tiny"  # built from config with random init when `path` is None
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
-    backend: str = "hf"  # hf (transformers, data parallel) | megatron (megatron-core TP x PP x DP)
+    dtype: str = "float32"  # master weights, gradients and optimizer state: float32 | bfloat16 (pure bf16)
+    compute_dtype: str = "auto"  # every forward's matmuls and the fused loss's inputs: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    backend: str = "hf"  # hf (transformers, DDP) | fsdp (FSDP2: sharded weights, grads, optimizer) | megatron (megatron-core TP x PP x DP)
     image_processor: str = "native"  # native (csrc/; HF's, warned, when not built) | hf (transformers' PIL one)
 
 
@@ -41,6 +42,14 @@ class ParallelConfig:
 
     tp: int = 1  # tensor-parallel size (divides the KV heads)
     pp: int = 1  # pipeline-parallel size (divides the layers)
+
+
+@dataclass
+class FSDPConfig:
+    """``model.backend=fsdp``: torch FSDP2 over every rank (``learners/fsdp.py``)."""
+
+    offload: bool = False  # parameters, gradients and optimizer state in host memory (CPUOffloadPolicy)
+    reshard_after_forward: bool = True  # free each layer's gathered parameters after its forward (gather again in backward)
 
 
 @dataclass
@@ -75,7 +84,7 @@ class WarmStartConfig:
 class HFRolloutConfig:
     """``rollout.backend=hf``: transformers ``generate`` (``rollout/hf.py``)."""
 
-    replica: bool = False  # generate with a separate inference copy fed by the weight sync (false: the training module)
+    replica: bool | None = None  # generate with a separate inference copy fed by the weight sync; false: the training module; null: a replica only where the learner has no whole module (fsdp)
     dtype: str = "bfloat16"  # replica dtype: float32 | bfloat16
     static_cache: bool | None = None  # replica: static KV cache + compiled (CUDA-graph) decode; null: on CUDA only
 
@@ -139,6 +148,7 @@ class TrainConfig:
     pack: bool = True  # packed sequences (no padding, attention within each sequence); false: right-padded rows
     vision_once: bool = True  # the vision tower once per prompt image per forward, shared by its members
     max_tokens_per_micro_batch: int = 8192  # packed: tokens (prompt + completion) per forward/backward
+    activation_checkpointing: bool = False  # recompute each decoder layer and vision block in backward (hf, fsdp)
     micro_batch_size: int = 16  # padded (train.pack=false): sequences per forward/backward
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -158,6 +168,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -251,8 +262,12 @@ def validate(cfg: Config) -> Config:
     if a.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef: must be >= 0, got {a.kl_coef}")
     _check_choice("loss.backend", cfg.loss.backend, BACKENDS)
-    _check_choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
-    _check_choice("model.backend", cfg.model.backend, ("hf", "megatron"))
+    if cfg.model.dtype == "auto":
+        raise ConfigError("model.dtype: 'auto' is gone: model.dtype is the master weights' dtype (float32, the "
+                          "default, or bfloat16); the forward's precision is model.compute_dtype (auto: bf16 on CUDA)")  # fmt: skip
+    _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
+    _check_choice("model.compute_dtype", cfg.model.compute_dtype, ("auto", "float32", "bfloat16"))
+    _check_choice("model.backend", cfg.model.backend, ("hf", "fsdp", "megatron"))
     _check_choice("model.image_processor", cfg.model.image_processor, ("native", "hf"))
     _check_choice("rollout.backend", r.backend, ("hf", "vllm"))
     _check_choice("rollout.hf.dtype", r.hf.dtype, ("float32", "bfloat16"))
@@ -289,6 +304,9 @@ def validate(cfg: Config) -> Config:
     if not 0 < r.vllm.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.vllm.gpu_memory_utilization: must be in (0, 1], got {r.vllm.gpu_memory_utilization}")
     budget = max(r.max_new_tokens, r.eval_max_new_tokens)
+    if cfg.model.backend == "fsdp" and r.backend == "hf" and r.hf.replica is False:
+        raise ConfigError("rollout.hf.replica: model.backend=fsdp holds no whole module to generate with; "
+                          "use rollout.hf.replica=true (or null) or rollout.backend=vllm")  # fmt: skip
     if r.backend == "vllm" and r.vllm.max_model_len <= budget:
         raise ConfigError(f"rollout.vllm.max_model_len: must exceed the generation budget ({budget} tokens) "
                           f"by the longest prompt, got {r.vllm.max_model_len}")  # fmt: skip
@@ -305,7 +323,7 @@ def validate(cfg: Config) -> Config:
     if d.eval_split is not None and (d.task != "files" or d.eval_path or not 0 < d.eval_split < 1):
         raise ConfigError(f"data.eval_split: a share in (0, 1), with data.task=files and no data.eval_path; got "
                           f"{d.eval_split} (task {d.task}, eval_path {d.eval_path})")
-    if cfg.model.backend == "hf" and cfg.parallel.tp * cfg.parallel.pp > 1:
+    if cfg.model.backend != "megatron" and cfg.parallel.tp * cfg.parallel.pp > 1:
         raise ConfigError(f"parallel.tp/parallel.pp: {cfg.parallel.tp}/{cfg.parallel.pp} need model.backend=megatron")
     if not 0 <= d.absent_ratio <= 1:
         raise ConfigError(f"data.absent_ratio: must be in [0, 1], got {d.absent_ratio}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 
 def fsync(path: Path) -> None:
@@ -18,6 +19,12 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def durable(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(path)``, then fsync the file."""
+    write(path)
+    fsync(path)
 
 
 def write_atomic(path: Path, text: str) -> None:

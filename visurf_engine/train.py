@@ -17,7 +17,7 @@ import time
 
 from .config import ConfigError, load_config
 from .eval.evaluate import format_table
-from .parallel.data_parallel import init_world
+from .parallel.world import init_world
 from .provenance import provenance
 from .tasks import prepare_base_model
 from .trainer import NonFiniteError, Trainer

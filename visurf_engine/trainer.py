@@ -11,8 +11,10 @@ Data parallel: each rank takes 1/dp of the step's prompts (dp: the learner's dat
 view of the world), the loss weights are normalised over the global batch, and the ranks of
 one model-parallel replica train on the same members (``learner.share``). The model to
 post-train must exist (``tasks.prepare_base_model``): building a trainer never trains. With
-``algo.kl_coef > 0`` a frozen copy of that model is the KL penalty's reference; its per-token
-log-probs of the members come from one no-grad fused pass a step.
+``algo.kl_coef > 0`` a frozen copy of that model is the KL penalty's reference
+(``learners.build_reference``); its per-token log-probs of the members come from one no-grad
+fused pass a step. Every rank runs the learner's passes on the same number of micro-batches
+(``learners.lockstep_split``); evaluation rows are shared out over the ranks.
 
 Non-finite guard: an optimizer step whose loss or grad norm is non-finite is skipped on every
 rank (``Learner.step``); the trainer counts it (``train/skipped_steps``, cumulative, kept in
@@ -46,10 +48,11 @@ from .algo.update_stats import UpdateStats
 from .config import Config
 from .data import PromptSampler, Row, fetch_rows
 from .eval.evaluate import evaluate
-from .learners import build_learner, make_micro_batch, parallel_world
-from .models.hf import load_pretrained
+from .learners import build_learner, build_reference, lockstep_split, make_micro_batch, parallel_world
+from .models.hf import load_processor
 from .models.policy import Batching, Policy, Prompts
-from .parallel.data_parallel import World, all_reduce_sum, barrier
+from .models.precision import Precision
+from .parallel.world import World, all_reduce_sum
 from .rewards import get_reward, score_batch
 from .rng import seed_everything
 from .rollout import build_rollout
@@ -75,15 +78,12 @@ class Trainer:
         seed_everything(t.seed + self.dp.rank)
         self.spec = get_reward(cfg.data.reward)
         self.data = load_task(cfg, self.spec)
-        dtype = torch.float32 if cfg.model.dtype != "bfloat16" else torch.bfloat16
-        model, processor = load_pretrained(path, dtype=dtype, image_processor=cfg.model.image_processor)
-        self.policy = Policy(model.to(world.device), processor, world.device)
-        self.reference = None  # the KL penalty's frozen reference: the model post-training starts from
-        if cfg.algo.kl_coef > 0:
-            ref, _ = load_pretrained(path, dtype=dtype, image_processor=cfg.model.image_processor)
-            self.reference = Policy(ref.to(world.device).eval().requires_grad_(False), processor, world.device)
+        precision = Precision.of(cfg.model.dtype, cfg.model.compute_dtype, world.device)
         self.loss_spec = cfg.loss_spec()
-        self.learner = build_learner(cfg, self.policy, self.loss_spec, self.dp)
+        processor = load_processor(path, cfg.model.image_processor)
+        self.learner = build_learner(cfg, path, processor, precision, self.loss_spec, self.dp)
+        self.policy = self.learner.policy
+        self.reference = build_reference(cfg, path, self.learner)  # None without a KL penalty
         if t.pack and not self.learner.packs:
             log.info("model.backend=%s trains padded rows: train.pack does not apply", cfg.model.backend)
         self.batching = Batching(pack=t.pack and self.learner.packs, vision_once=t.vision_once,
@@ -96,7 +96,7 @@ class Trainer:
         self.start_step, self.base_eval, self.final_eval = 0, None, None
         self.skips = {"total": 0, "consecutive": 0}  # skipped optimizer steps (non-finite guard)
         self._resume()
-        self.rollout = build_rollout(cfg, self.policy, path)  # holds the resumed weights
+        self.rollout = build_rollout(cfg, self.policy, path, self.learner, self.batching)  # holds the resumed weights
         self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume_step=self.start_step or None)
         if self.data.skipped and not self.start_step:
             self.metrics.log(0, {"data/skipped_rows": self.data.skipped})
@@ -110,9 +110,7 @@ class Trainer:
                 f"{self.ckpt_root} already holds a run; pass train.resume=true to continue it, "
                 "or choose another train.output_dir"
             )
-        state, optimizer_state = ckpt.load_checkpoint(latest, self.policy.model, self.world.rank)
-        self.learner.load_weights(self.policy.model.state_dict().items())
-        self.learner.load_optimizer_state(optimizer_state)
+        state = ckpt.load_checkpoint(latest, self.learner, self.world.rank)
         self.sampler.load(state["sampler"])
         self.start_step, self.base_eval = state["step"], state.get("base_eval")
         self.skips = state.get("skips", self.skips)
@@ -156,13 +154,11 @@ class Trainer:
         members = self.learner.share(members)
         if self.reference is not None:
             with timer("reference"):
-                ref = self.reference.logprobs(prompts, members.prompt.tolist(), members.tokens,
-                                              self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
+                ref = self.reference.logprobs(prompts, members.prompt.tolist(), members.tokens, self.batching)
                 members.ref_logp = list(torch.split(ref, members.lengths.tolist()))
         if a.updates_per_step > 1:  # later mini-batches are off-policy: keep the pre-update log-probs
             with timer("old_logprobs"):
-                old = self.policy.logprobs(prompts, members.prompt.tolist(), members.tokens,
-                                           self.loss_spec.replace(with_entropy=False), self.batching)  # fmt: skip
+                old = self.learner.logprobs(prompts, members.prompt.tolist(), members.tokens, self.batching)
                 members.old_logp = list(torch.split(old, members.lengths.tolist()))
         with timer("update"):
             m |= self._update(step, prompts, members, members.labels([r.id for r in rows]))
@@ -204,10 +200,9 @@ class Trainer:
         """The gold's tokens, the group rewards with the gold's, its metrics and failure count."""
         a = self.cfg.algo
 
-        def loglik(idx: list[int], candidates: list[str]) -> list[float]:
+        def loglik(idx: list[int], candidates: list[str]) -> list[float]:  # per-token mean; rank-local (the rollout engine)
             tokens = [self.policy.encode_text(c) for c in candidates]
-            logp = self.policy.logprobs(prompts, idx, tokens, self.loss_spec.replace(with_entropy=False), self.batching)
-            return [float(x.sum()) for x in torch.split(logp, [len(t) for t in tokens])]
+            return [float(x.mean()) for x in self.rollout.logprobs(prompts, idx, tokens)]
 
         gold = make_gold(
             self.spec, [r.solution for r in rows], [r.id for r in rows], texts, rewards.rollout,
@@ -236,7 +231,7 @@ class Trainer:
             weights = sequence_weights(part.lengths, a.aggregation, num_seqs=int(counts[0]), num_tokens=int(counts[1]),
                                        max_len=cfg.rollout.max_new_tokens)  # fmt: skip
             tokens = (part.lengths + torch.tensor([len(prompts.input_ids[p]) for p in part.prompt.tolist()])).tolist()
-            micro = [(part.select(r), weights[r.start : r.stop]) for r in self.batching.split(tokens)]
+            micro = [(part.select(r), weights[r.start : r.stop]) for r in lockstep_split(self.batching, tokens, self.dp)]
             batches = [make_micro_batch(self.policy, prompts, x, w, self.batching) for x, w in micro]
             finite = True
             for (x, _), (loss, stats) in zip(micro, self.learner.forward_backward(batches)):
@@ -261,15 +256,12 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics, plus the forgetting probe's when the task has one (rank 0
-        evaluates; the others wait)."""
-        result = {}
-        if self.world.is_main:
-            result = evaluate(self.policy, self.rollout, self.data.eval,
-                              lambda texts, rows: self.spec.metrics(texts, [r.solution for r in rows]))  # fmt: skip
-            if self.data.probe:
-                result |= evaluate(self.policy, self.rollout, self.data.probe, probe_row_metrics)
-        barrier(self.world)
+        """Held-out metrics, plus the forgetting probe's when the task has one, on every rank
+        (each generates for its share of the rows: ``eval.evaluate``)."""
+        result = evaluate(self.policy, self.rollout, self.data.eval,
+                          lambda texts, rows: self.spec.metrics(texts, [r.solution for r in rows]), self.world)  # fmt: skip
+        if self.data.probe:
+            result |= evaluate(self.policy, self.rollout, self.data.probe, probe_row_metrics, self.world)
         return result
 
     def save(self, step: int) -> None:
@@ -277,8 +269,7 @@ class Trainer:
         state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval,
                  "final_eval": self.final_eval, "skips": self.skips, "config": self.cfg.to_dict()}  # fmt: skip
         self.metrics.sync()
-        ckpt.save(self.ckpt_root, step, self.policy.model, self.learner.optimizer_state(), state, self.world,
-                  sharded_optimizer=self.learner.sharded_optimizer, keep=self.cfg.train.keep_checkpoints)  # fmt: skip
+        ckpt.save(self.ckpt_root, step, self.learner, state, self.world, keep=self.cfg.train.keep_checkpoints)
 
     def run(self) -> dict[str, dict[str, float]]:
         """Train to ``train.steps``; returns ``{"base": ..., "final": ...}`` held-out metrics.

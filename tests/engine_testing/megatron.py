@@ -126,12 +126,12 @@ def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from visurf_engine.learners.megatron.convert import Layout
     from visurf_engine.learners.megatron.learner import MegatronLearner
-    from visurf_engine.parallel.data_parallel import World
+    from visurf_engine.parallel.world import World
     from visurf_engine.parallel.megatron import init_megatron
 
     dp = init_megatron(World(rank=rank, size=world), tp, pp, seed=0)
     model = tiny_vl_model(tied=tied)
-    learner = MegatronLearner(model, Layout.from_hf_config(model.config, tp, pp), SPEC, dp, **OPTIM)
+    learner = MegatronLearner(tiny_policy(model), Layout.from_hf_config(model.config, tp, pp), SPEC, dp, **OPTIM)
     results = learner.forward_backward(random_micro_batches(model))
     grads = {k: p.main_grad.clone() for k, p in learner.module.named_parameters()}
     norm = learner.step(MAX_NORM).grad_norm
@@ -160,7 +160,7 @@ def hf_learner_step(model, micro: list[MicroBatch]) -> dict:
     """The same step through the ``hf`` backend's learner (``HFLearner``): losses, grads (HF
     names), grad norm and the weights after its clipped AdamW step."""
     from visurf_engine.learners.hf import HFLearner
-    from visurf_engine.parallel.data_parallel import World
+    from visurf_engine.parallel.world import World
 
     learner = HFLearner(tiny_policy(model), SPEC, World(), **OPTIM)
     model.train()

@@ -1,20 +1,29 @@
 """Training backends behind one protocol (``base.Learner``), chosen once by ``model.backend``.
 
 ``parallel_world(cfg, world)`` initialises the backend's parallel state and returns the
-data-parallel view the trainer splits prompts over (``hf``: the world itself; ``megatron``:
-``parallel.tp x parallel.pp`` model parallel, data parallel over the rest);
-``build_learner(cfg, policy, spec, dp)`` builds the learner over the loaded policy.
+data-parallel view the trainer splits prompts over (``hf``, ``fsdp``: the world itself;
+``megatron``: ``parallel.tp x parallel.pp`` model parallel, data parallel over the rest);
+``build_learner(cfg, path, processor, precision, spec, dp)`` loads the checkpoint at ``path``
+the way the backend holds it (``hf``: a whole replica per rank; ``fsdp``: each rank its shards;
+``megatron``: each rank its tensor/pipeline shard) and returns the learner, whose ``policy``
+is the trainer's view of the model (encode, collate, tokenizer); ``build_reference`` the KL
+penalty's frozen reference, held like the learner holds the policy.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from visurf_kernels import LossSpec
 
 from ..config import Config
+from ..models.hf import ImageOnlyProcessor, load_pretrained
 from ..models.policy import Policy
-from ..parallel.data_parallel import World
-from .base import Learner, LossStats, MicroBatch, clip_grad_norm, make_micro_batch
+from ..models.precision import Precision
+from ..parallel.world import World
+from .base import Learner, LossStats, MicroBatch, clip_grad_norm, lockstep_split, make_micro_batch
 from .hf import HFLearner
+from .reference import Reference
 
 
 def parallel_world(cfg: Config, world: World) -> World:
@@ -25,17 +34,32 @@ def parallel_world(cfg: Config, world: World) -> World:
     return world
 
 
-def build_learner(cfg: Config, policy: Policy, spec: LossSpec, dp: World) -> Learner:
+def build_learner(cfg: Config, path: str | Path, processor: ImageOnlyProcessor, precision: Precision, spec: LossSpec,
+                  dp: World) -> Learner:  # fmt: skip
     t = cfg.train
     optim = dict(lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    if cfg.model.backend == "fsdp":
+        from .fsdp import FSDPLearner
+
+        return FSDPLearner.load(path, processor, precision, spec, dp, cfg.fsdp,
+                                activation_checkpointing=t.activation_checkpointing, **optim)  # fmt: skip
     if cfg.model.backend == "megatron":
-        from .megatron.convert import Layout
         from .megatron.learner import MegatronLearner
 
-        layout = Layout.from_hf_config(policy.model.config, cfg.parallel.tp, cfg.parallel.pp)
-        return MegatronLearner(policy.model, layout, spec, dp, **optim)
-    return HFLearner(policy, spec, dp, **optim)
+        return MegatronLearner.load(path, processor, precision, spec, dp, cfg.parallel,
+                                    activation_checkpointing=t.activation_checkpointing, **optim)  # fmt: skip
+    model, _ = load_pretrained(path, dtype=precision.master, device=dp.device)
+    return HFLearner(Policy(model, processor, dp.device, precision), spec, dp,
+                     activation_checkpointing=t.activation_checkpointing, **optim)  # fmt: skip
 
 
-__all__ = ["HFLearner", "Learner", "LossStats", "MicroBatch", "build_learner", "clip_grad_norm", "make_micro_batch",
-           "parallel_world"]
+def build_reference(cfg: Config, path: str | Path, learner: Learner):
+    """The KL penalty's reference (``algo.kl_coef > 0``; else None): the learner's own kind
+    (``Learner.reference``), or a whole frozen replica in the compute dtype."""
+    if cfg.algo.kl_coef <= 0:
+        return None
+    return learner.reference(path)
+
+
+__all__ = ["HFLearner", "Learner", "LossStats", "MicroBatch", "Reference", "build_learner", "build_reference",
+           "clip_grad_norm", "lockstep_split", "make_micro_batch", "parallel_world"]

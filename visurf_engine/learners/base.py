@@ -8,9 +8,14 @@ A learner owns the trainable weights and their optimizer. One optimizer step is
                                                      # optimizer step (or none), zero grads
 
 and ``export_weights()`` then streams the updated weights, under the Hugging Face names of the
-policy's ``state_dict``, to the rollout engine (``load_weights`` is the inverse, for resume).
-The trainer holds one learner, chosen once (``learners.build_learner``), and never asks
-which backend it is.
+policy's ``state_dict``, to the rollout engine (``load_weights`` is the inverse, for resume);
+``logprobs(...)`` is the no-grad pass of the current weights (the old log-probs of
+``algo.updates_per_step > 1``). The trainer holds one learner, chosen once
+(``learners.build_learner``), and never asks which backend it is.
+
+**Lockstep.** Every rank of the learner's world runs ``forward_backward`` and ``logprobs``
+together, on the same number of micro-batches (``lockstep_split``): data parallelism
+synchronises inside them (DDP's one reduced backward, FSDP's per-layer all-gathers).
 
 A ``MicroBatch`` is a collated set of (prompt, completion) sequences with its per-completion-
 token loss inputs ``[N]`` (``make_micro_batch``); ``forward_backward`` returns, per
@@ -28,14 +33,19 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from visurf_kernels import LossSpec
 
 from ..algo.members import Members, per_token
 from ..models.policy import Batching, Policy, Prompts, SequenceBatch
-from ..parallel.data_parallel import World, any_rank
+from ..models.weights import TensorSpec, module_specs
+from ..durable import durable
+from ..parallel.world import World, all_reduce, any_rank
 
 
 @dataclass
@@ -86,16 +96,27 @@ class Update(NamedTuple):
 
 
 class Learner(ABC):
-    """The protocol (module docstring), with the optimizer bookkeeping both backends share."""
+    """The protocol (module docstring), with the optimizer bookkeeping and the checkpoint format
+    of a learner whose ranks each hold the whole model (``hf``); sharded learners override
+    ``save_state`` / ``load_state`` and ``reference``."""
 
+    policy: Policy  # the trainer's view of the model: encode, collate, tokenizer, the module
+    spec: LossSpec
     dp: World  # the data-parallel view of the world: the trainer splits prompts over it
     optimizer: torch.optim.Optimizer
-    sharded_optimizer: bool = False  # True: every rank checkpoints its own optimizer state
     packs: bool = True  # takes packed micro-batches (models.collate); False: padded only
+    shares_module: bool = True  # policy.model holds the current weights and can generate (rollout.hf, shared)
+    stable_export: bool = True  # export_weights yields tensors whose storage never moves (the weights themselves)
 
     @abstractmethod
     def forward_backward(self, micro: Sequence[MicroBatch]) -> list[LossStats]:
         """Loss and backward of every micro-batch; gradients accumulate and are reduced."""
+
+    @abstractmethod
+    def logprobs(self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]],
+                 batching: Batching) -> torch.Tensor:  # fmt: skip
+        """Per-token ``logp[N]`` of ``completions[s]`` after prompt ``idx[s]`` under the current
+        weights (no grad; the loss spec's temperature), in order; every rank calls it together."""
 
     @abstractmethod
     def clip_grads(self, grad_clip: float) -> float:
@@ -125,6 +146,11 @@ class Learner(ABC):
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The current weights, ``(HF state_dict name, tensor)``; every rank must consume it."""
 
+    def weight_specs(self) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+        """Names, global shapes and dtypes of what ``export_weights`` yields, and its tied aliases
+        (``models.weights.named_specs``), without touching tensor data."""
+        return module_specs(self.policy.model)
+
     @abstractmethod
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Set the weights from HF-named tensors (e.g. a checkpoint loaded into the policy)."""
@@ -142,11 +168,33 @@ class Learner(ABC):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
+    def reference(self, path: str | Path):
+        """The KL penalty's frozen reference of the checkpoint at ``path``, held as this learner
+        holds its weights (here: a whole replica per rank, ``learners.reference``)."""
+        from .reference import Reference
 
-    def load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        return Reference.load(path, self.policy, self.spec)
+
+    def save_state(self, directory: Path, world: World) -> None:
+        """Write the weights (``model.safetensors``, HF names, tied weights once) and the optimizer
+        state (``optimizer.pt``) into ``directory``; rank 0 writes, every file fsynced."""
+        if world.is_main:
+            durable(directory / "model.safetensors", lambda p: save_model(self.policy.model, str(p)))
+            durable(directory / "optimizer.pt", lambda p: torch.save(self.optimizer.state_dict(), p))
+
+    def load_state(self, directory: Path, rank: int) -> None:
+        """Restore what ``save_state`` wrote."""
+        load_model(self.policy.model, str(directory / "model.safetensors"), strict=True)
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+
+
+def lockstep_split(batching: Batching, seq_tokens: Sequence[int], world: World) -> list[range]:
+    """``batching.split(seq_tokens)`` into as many micro-batches as any rank of ``world`` needs
+    (one MAX all-reduce), so that every rank runs the same number of forwards."""
+    parts = len(batching.split(seq_tokens))
+    if world.size > 1:
+        parts = int(all_reduce(torch.tensor([parts]), world.group, op=dist.ReduceOp.MAX).item())
+    return batching.split(seq_tokens, parts)
 
 
 def clip_grad_norm(
@@ -161,8 +209,6 @@ def clip_grad_norm(
     grads = [g for g in (counted if counted is not None else [p.grad for p in params]) if g is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     if group is not None:
-        sq = norm.double().square()
-        dist.all_reduce(sq, group=group)
-        norm = sq.sqrt()
+        norm = all_reduce(norm.double().square(), group).sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)

@@ -46,19 +46,37 @@ class Batching:
     max_tokens: int = 8192
     max_seqs: int = 16
 
-    def split(self, seq_tokens: Sequence[int]) -> list[range]:
+    def split(self, seq_tokens: Sequence[int], parts: int | None = None) -> list[range]:
         """Consecutive micro-batches over sequences of ``seq_tokens[s]`` tokens: packed, as many
-        as fit in ``max_tokens`` (a longer sequence alone); padded, ``max_seqs`` at a time."""
+        as fit in ``max_tokens`` (a longer sequence alone); padded, ``max_seqs`` at a time.
+
+        ``parts``: exactly that many (at least the count above, at most one per sequence): the
+        micro-batch with the most tokens is halved (by tokens) until there are ``parts``, so
+        every one still fits. Ranks that must run the same number of forwards (DDP, FSDP) split
+        into the largest count any of them needs (``learners.base.lockstep_split``).
+        """
         if not self.pack:
-            return [range(i, min(i + self.max_seqs, len(seq_tokens))) for i in range(0, len(seq_tokens), self.max_seqs)]
-        out, start, total = [], 0, 0
-        for s, n in enumerate(seq_tokens):
-            if s > start and total + n > self.max_tokens:
-                out.append(range(start, s))
-                start, total = s, 0
-            total += n
-        if start < len(seq_tokens):
-            out.append(range(start, len(seq_tokens)))
+            out = [range(i, min(i + self.max_seqs, len(seq_tokens))) for i in range(0, len(seq_tokens), self.max_seqs)]
+        else:
+            out, start, total = [], 0, 0
+            for s, n in enumerate(seq_tokens):
+                if s > start and total + n > self.max_tokens:
+                    out.append(range(start, s))
+                    start, total = s, 0
+                total += n
+            if start < len(seq_tokens):
+                out.append(range(start, len(seq_tokens)))
+        if parts is None or parts == len(out):
+            return out
+        if not len(out) <= parts <= len(seq_tokens):
+            raise ValueError(f"cannot split {len(seq_tokens)} sequences into {parts} micro-batches (at least {len(out)})")
+        size = lambda r: sum(seq_tokens[s] for s in r)  # noqa: E731
+        while len(out) < parts:
+            k = max((i for i, r in enumerate(out) if len(r) > 1), key=lambda i: size(out[i]))
+            r, half, cut = out[k], size(out[k]) / 2, out[k].start + 1
+            while cut < r.stop - 1 and size(range(r.start, cut + 1)) <= half:
+                cut += 1
+            out[k : k + 1] = [range(r.start, cut), range(cut, r.stop)]
         return out
 
 

@@ -51,10 +51,8 @@ def image_processor_for(
     return cls(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, image_processor: str = "native"):
-    """``(model, processor)`` from a local checkpoint directory; clear errors if it is not one.
-
-    ``image_processor``: native (``csrc/``, HF's when not built) | hf."""
+def model_class(path: str | Path):
+    """The transformers class of the checkpoint at ``path``; clear errors if it is not a supported one."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path {str(path)!r}: no config.json there (need a local Hugging Face checkpoint dir)")
@@ -62,8 +60,24 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, ima
     cls = MODEL_CLASSES.get(config.model_type)
     if cls is None:
         raise ValueError(f"model.path {str(path)!r}: model_type {config.model_type!r} unsupported; use one of {list(MODEL_CLASSES)}")
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attention.NAME)
+    return cls
+
+
+def load_processor(path: str | Path, image_processor: str = "native") -> ImageOnlyProcessor:
+    """The image-only processor (tokenizer, chat template, image processor) saved at ``path``."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    images = image_processor_for(path=path, kind=image_processor)
-    processor = ImageOnlyProcessor(images, tokenizer, chat_template=tokenizer.chat_template)
-    return model, processor
+    return ImageOnlyProcessor(image_processor_for(path=path, kind=image_processor), tokenizer,
+                              chat_template=tokenizer.chat_template)  # fmt: skip
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    image_processor: str = "native"):  # fmt: skip
+    """``(model, processor)`` from a local checkpoint directory; clear errors if it is not one.
+
+    The weights are read in ``dtype`` straight onto ``device`` (tensor by tensor on CUDA: no
+    full host copy first). ``image_processor``: native (``csrc/``, HF's when not built) | hf."""
+    path = Path(path)
+    cls = model_class(path)
+    placement = {"device_map": {"": torch.device(device)}} if torch.device(device).type != "cpu" else {}
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attention.NAME, **placement)
+    return model, load_processor(path, image_processor)

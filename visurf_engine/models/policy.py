@@ -5,33 +5,67 @@
 prompt image once. Training never asks the model for logits: ``completion_hidden`` returns the
 final hidden states at the positions that predict each completion token, ``[N, H]`` for N
 completion tokens, which the fused loss multiplies with the LM head; ``logprobs`` is the
-no-grad fused pass over such pairs (old log-probs, align's scoring).
+no-grad fused pass over such pairs (old log-probs, align's scoring). Every forward runs in
+the policy's ``Precision`` (``models.precision``: autocast to the compute dtype, the fused loss's
+inputs cast to it).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
+from transformers import GenerationConfig, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from visurf_kernels import LossSpec, fused_logprobs
 
 from .attention import NAME as PACKED_ATTENTION
 from .collate import Batching, SequenceBatch, collate
 from .hf import ImageOnlyProcessor
+from .precision import Precision
 from .prompts import Prompts
 
-__all__ = ["Batching", "Policy", "Prompts", "SequenceBatch"]
+__all__ = ["Batching", "Policy", "Prompts", "SequenceBatch", "completion_hidden", "static_cache_length"]
+
+STATIC_CACHE_BUCKET = 256  # tokens: static KV caches are sized in multiples of this (bounded recompiles)
+# generate() takes the static cache's length (newer transformers 5.x); older ones take a StaticCache we size
+_SIZED_STATIC_CACHE = hasattr(GenerationConfig(), "max_cache_len")
+
+
+def static_cache_length(tokens: int, previous: int = 0) -> int:
+    """The static KV cache length for ``tokens`` (prompt width + generation budget): rounded up to a
+    multiple of ``STATIC_CACHE_BUCKET`` and never below ``previous``, so a compiled decode step,
+    specialised on the cache length, recompiles only when a longer bucket is first needed."""
+    return max(previous, -(-tokens // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
+
+
+def completion_hidden(model, batch: SequenceBatch) -> torch.Tensor:
+    """Final hidden states ``[N, H]`` of a Qwen2(.5)-VL ``model`` that predict the N completion
+    tokens of ``batch``: the vision tower runs on the batch's images, each sequence takes its
+    image's embeddings; no logits are formed."""
+    inner = model.model
+    if batch.cu_seqlens is not None and inner.language_model.config._attn_implementation != PACKED_ATTENTION:
+        raise ValueError(
+            f"a packed batch needs the policy's attention to be {PACKED_ATTENTION!r} (models.attention; "
+            f"load_pretrained sets it), not {inner.language_model.config._attn_implementation!r}: "
+            f"model.set_attn_implementation({PACKED_ATTENTION!r}), or train.pack=false"
+        )
+    images = inner.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True).pooler_output
+    per_seq = BaseModelOutputWithPooling(pooler_output=[images[i] for i in batch.image_of_seq.tolist()])
+    hidden = inner(**batch.lm_kwargs(), mm_encoder_outputs={"image": per_seq}, use_cache=False).last_hidden_state
+    return hidden[batch.positions[:, 0], batch.positions[:, 1]]
 
 
 class Policy:
-    def __init__(self, model, processor: ImageOnlyProcessor, device: torch.device | str = "cpu"):
+    def __init__(self, model, processor: ImageOnlyProcessor, device: torch.device | str = "cpu",
+                 precision: Precision = Precision()):  # fmt: skip
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = torch.device(device)
+        self.precision = precision
+        self._cache_length = 0  # the longest static KV cache so far (static_cache_length)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         # A sampled image/video placeholder would be taken for a vision slot in the next forward.
@@ -43,8 +77,9 @@ class Policy:
         return self.model.lm_head.weight
 
     def autocast(self):
-        """The precision of every forward: bf16 autocast on CUDA, none elsewhere."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        """The context of every forward: autocast to the compute dtype when it is narrower than
+        the weights' (``Precision.autocast``)."""
+        return self.precision.autocast(self.device)
 
     def encode(self, problems: Sequence[str], images: Sequence[Image.Image]) -> Prompts:
         """Chat-template each problem with its image and run the processor."""
@@ -89,7 +124,8 @@ class Policy:
 
         Each completion ends at (and includes) the end-of-turn token, or is cut at
         ``max_new_tokens``. ``cache_implementation``: transformers' KV cache (``"static"``: a
-        preallocated cache, whose decode step transformers compiles on CUDA); None: its default.
+        preallocated cache of ``static_cache_length`` tokens, whose decode step transformers
+        compiles on CUDA); None: its default.
         """
         lens = [len(prompts.input_ids[i]) for i in idx]
         width = max(lens)
@@ -101,7 +137,14 @@ class Policy:
             mm[row, width - n :] = prompts.mm_token_type_ids[i]
             mask[row, width - n :] = 1
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
-        if cache_implementation is not None:
+        if cache_implementation == "static":
+            self._cache_length = static_cache_length(width + max_new_tokens, self._cache_length)
+            if _SIZED_STATIC_CACHE:  # transformers >= 5.2x sizes its own static cache
+                sampling |= {"cache_implementation": "static", "max_cache_len": self._cache_length}
+            else:
+                sampling["past_key_values"] = StaticCache(config=self.model.config.get_text_config(decoder=True),
+                                                          max_cache_len=self._cache_length)  # fmt: skip
+        elif cache_implementation is not None:
             sampling["cache_implementation"] = cache_implementation
         was_training = self.model.training
         self.model.eval()
@@ -133,19 +176,22 @@ class Policy:
                        pad_id=self.pad_id, device=self.device)  # fmt: skip
 
     def completion_hidden(self, batch: SequenceBatch) -> torch.Tensor:
-        """Final hidden states ``[N, H]`` that predict the N completion tokens of ``batch``: the
-        vision tower runs on the batch's images, each sequence takes its image's embeddings."""
-        inner = self.model.model
-        if batch.cu_seqlens is not None and inner.language_model.config._attn_implementation != PACKED_ATTENTION:
-            raise ValueError(
-                f"a packed batch needs the policy's attention to be {PACKED_ATTENTION!r} (models.attention; "
-                f"load_pretrained sets it), not {inner.language_model.config._attn_implementation!r}: "
-                f"model.set_attn_implementation({PACKED_ATTENTION!r}), or train.pack=false"
-            )
-        images = inner.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True).pooler_output
-        per_seq = BaseModelOutputWithPooling(pooler_output=[images[i] for i in batch.image_of_seq.tolist()])
-        hidden = inner(**batch.lm_kwargs(), mm_encoder_outputs={"image": per_seq}, use_cache=False).last_hidden_state
-        return hidden[batch.positions[:, 0], batch.positions[:, 1]]
+        """``completion_hidden`` of the policy's model."""
+        return completion_hidden(self.model, batch)
+
+    def head_inputs(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused loss's ``hidden[N, H]`` and LM head weight ``[V, H]``, in the compute dtype
+        (``Precision.head_inputs``); call under ``autocast``."""
+        return self.precision.head_inputs(self.completion_hidden(batch), self.lm_head_weight)
+
+    def batches(self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]],
+                batching: Batching, parts: Sequence[range] | None = None) -> Iterator[SequenceBatch]:  # fmt: skip
+        """The sequences ``prompts[idx[s]] + completions[s]`` collated micro-batch by micro-batch:
+        ``parts`` (ranges of sequences), or the micro-batches of ``batching``."""
+        if parts is None:
+            parts = batching.split([len(prompts.input_ids[p]) + len(c) for p, c in zip(idx, completions)])
+        for part in parts:
+            yield self.collate(prompts, [idx[s] for s in part], [completions[s] for s in part], batching)
 
     @torch.no_grad()
     def logprobs(
@@ -155,9 +201,8 @@ class Policy:
         """Per-token ``logp[N]`` of ``completions[s]`` after prompt ``idx[s]`` (the no-grad fused
         pass), in order, in the micro-batches of ``batching``."""
         out = []
-        for part in batching.split([len(prompts.input_ids[p]) + len(c) for p, c in zip(idx, completions)]):
-            batch = self.collate(prompts, [idx[s] for s in part], [completions[s] for s in part], batching)
+        for batch in self.batches(prompts, idx, completions, batching):
             with self.autocast():
-                hidden = self.completion_hidden(batch)
-                out.append(fused_logprobs(hidden, self.lm_head_weight, batch.targets, spec)[0])
+                hidden, weight = self.head_inputs(batch)
+                out.append(fused_logprobs(hidden, weight, batch.targets, spec)[0])
         return torch.cat(out)

@@ -4,7 +4,8 @@ from them on demand (``collate``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -22,3 +23,7 @@ class Prompts:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def select(self, idx: Sequence[int]) -> Prompts:
+        """The prompts ``idx`` (repeats allowed), in that order."""
+        return Prompts(*([getattr(self, f.name)[i] for i in idx] for f in fields(self)))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from .data_parallel import World
+from .world import World, backend_for
 from .megatron_cpu import apply_cpu_shims
 
 
@@ -30,8 +30,7 @@ def init_megatron(world: World, tp: int, pp: int, seed: int) -> World:
     apply_cpu_shims()
     logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP logs every parameter name at INFO
     if not dist.is_initialized():
-        backend = "nccl" if world.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend_for(world.device), store=dist.HashStore(), rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) == (tp, pp):
             return data_parallel_world(world)

@@ -1,41 +1,54 @@
 """Rollouts with transformers ``generate``: on the policy module itself, or on a separate replica.
 
-**Shared** (default). The engine generates with the policy's own module (``Policy.generate``),
-chunked to bound memory. The learner trains that very module (``model.backend=hf``) or writes
-its updated weights into it (``model.backend=megatron``: ``export_weights`` refreshes the HF
-replica in place), so the weight sync finds every tensor already in place and copies nothing
-(a tensor that is not in place is copied into it).
+**Shared** (``rollout.hf.replica=false``; the default where the learner allows it). The engine
+generates with the policy's own module (``Policy.generate``), chunked to bound memory. The
+learner trains that very module (``model.backend=hf``) or writes its updated weights into it
+(``model.backend=megatron``: ``export_weights`` refreshes the HF replica in place), so the
+weight sync finds every tensor already in place and copies nothing (a tensor that is not in
+place is copied into it). A sharded learner (``fsdp``) has no whole module to generate with.
 
-**Replica** (``rollout.hf.replica``). Generation runs on a separate copy of the policy in
-``rollout.hf.dtype`` (``replica.Replica``: bf16 by default), fed every step through the same
-kind of sync plan as vLLM, as one CUDA graph on GPU. With a static KV cache
-(``rollout.hf.static_cache``; default on CUDA) transformers compiles the decode step (its
-auto-compile of static-cache generation, ``torch.compile`` in ``reduce-overhead`` mode: CUDA
-graphs). It costs a copy of the weights; generation then no longer depends on the training
-module's precision or mode, and decodes from captured graphs. The replica reports no sampling
-log-probs (``Rollouts.logprobs`` is None).
+**Replica** (``rollout.hf.replica=true``; the default under ``fsdp``). Generation runs on a
+separate copy of the policy in ``rollout.hf.dtype`` (``replica.Replica``: bf16 by default), fed
+every step through the same kind of sync plan as vLLM (one CUDA graph on GPU when the learner's
+tensors have fixed storage). With a static KV cache (``rollout.hf.static_cache``; default on
+CUDA) transformers compiles the decode step (its auto-compile of static-cache generation,
+``torch.compile`` in ``reduce-overhead`` mode: CUDA graphs), the cache sized in buckets
+(``models.policy.static_cache_length``) so the compiled step is not rebuilt every step. It costs
+a copy of the weights; generation then no longer depends on the training module's precision or
+mode. The replica reports no sampling log-probs (``Rollouts.logprobs`` is None).
+
+``logprobs`` (align's scoring) is the no-grad fused pass of the generating module at the
+sampling temperature, micro-batched as the trainer's passes (``Batching``).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
+from visurf_kernels import LossSpec
 
 from ..config import RolloutConfig
-from ..models.policy import Policy, Prompts
+from ..models.policy import Batching, Policy, Prompts
+from ..models.precision import Precision
 from .base import RolloutEngine, Rollouts
 from .replica import Replica
 
 
 class HFRollout(RolloutEngine):
-    def __init__(self, policy: Policy, cfg: RolloutConfig, chunk: int = 64):
-        self.policy, self.cfg, self.chunk = policy, cfg, chunk
-        h = cfg.hf
-        self.replica = Replica(policy.model, getattr(torch, h.dtype)) if h.replica else None
-        self.generator = Policy(self.replica.model, policy.processor, policy.device) if h.replica else policy
-        static = policy.device.type == "cuda" if h.static_cache is None else h.static_cache
-        self.cache_implementation = "static" if h.replica and static else None
+    def __init__(self, policy: Policy, cfg: RolloutConfig, *, replica: Replica | None = None,
+                 batching: Batching = Batching(), spec: LossSpec | None = None, chunk: int = 64):  # fmt: skip
+        """Generate with ``policy``'s module, or with ``replica`` (``Replica.of``); ``batching`` and
+        ``spec`` (loss backend) of the ``logprobs`` pass."""
+        self.policy, self.cfg, self.chunk, self.replica, self.batching = policy, cfg, chunk, replica, batching
+        if replica is None:
+            self.generator = policy
+        else:
+            dtype = next(replica.model.parameters()).dtype
+            self.generator = Policy(replica.model, policy.processor, policy.device, Precision(dtype, dtype))
+        self.spec = (spec or LossSpec()).replace(temperature=cfg.temperature, with_entropy=False)
+        static = policy.device.type == "cuda" if cfg.hf.static_cache is None else cfg.hf.static_cache
+        self.cache_implementation = "static" if replica is not None and static else None
 
     def sample(self, prompts: Prompts, n: int) -> Rollouts:
         idx = [b for b in range(len(prompts)) for _ in range(n)]
@@ -58,6 +71,10 @@ class HFRollout(RolloutEngine):
                 cache_implementation=self.cache_implementation,
             )
         return out
+
+    def logprobs(self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        logp = self.generator.logprobs(prompts, idx, completions, self.spec, self.batching)
+        return list(torch.split(logp, [len(c) for c in completions]))
 
     @torch.no_grad()
     def sync_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -79,7 +79,8 @@ from ..config import RolloutConfig
 from ..models.policy import Policy, Prompts
 from . import vllm_cpu
 from .base import RolloutEngine, Rollouts
-from .weight_sync import SyncPlan, checkpoint_specs, named_specs
+from ..models.weights import checkpoint_specs, named_specs
+from .weight_sync import SyncPlan
 
 INSTALL_HINT = (
     "VLLMRollout needs vLLM: on a GPU machine `pip install -e '.[vllm]'` (with the CUDA torch that vLLM pins); "
@@ -267,6 +268,19 @@ class VLLMRollout(RolloutEngine):
         engine.sync_weights(policy.model.named_parameters(remove_duplicate=False))  # tied aliases seen once
         return engine
 
+    @classmethod
+    def from_learner(cls, learner, model_dir: str | Path, cfg: RolloutConfig) -> VLLMRollout:
+        """``from_policy`` for a learner (``learners.base.Learner``): the sync plan from its weight
+        specs (no tensor data: a sharded learner's weights are gathered only bucket by bucket),
+        then its current weights synced in."""
+        with tempfile.TemporaryDirectory(prefix="visurf-vllm-") as tmp:
+            engine = cls(link_checkpoint(model_dir, tmp), learner.policy.tokenizer, cfg)
+        specs, aliases = learner.weight_specs()
+        engine._plan = SyncPlan.build(specs, engine._engine_specs, dtype=engine.dtype, bucket_bytes=cfg.vllm.bucket_bytes,
+                                      aliases=aliases)  # fmt: skip
+        engine.sync_weights(learner.export_weights())
+        return engine
+
     # ---- generation ---------------------------------------------------------------------
 
     def _requests(self, prompts: Prompts, completions: Sequence[Sequence[int]] | None = None) -> list[dict]:
@@ -332,6 +346,10 @@ class VLLMRollout(RolloutEngine):
         params = self._params(temperature=0.0, max_tokens=self.cfg.eval_max_new_tokens)
         return [list(out.outputs[0].token_ids) for out in self._generate(prompts, [params] * len(prompts))]
 
+    def logprobs(self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """``score`` of ``completions[s]`` after prompt ``idx[s]``."""
+        return self.score(prompts.select(idx), completions)
+
     def score(self, prompts: Prompts, completions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per-token log-probs ``[T_i]`` of given completions, ``log softmax(z)`` (temperature 1, no suppression).
 
@@ -363,8 +381,9 @@ class VLLMRollout(RolloutEngine):
     def _reload(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the tensors in place and reset the encoder cache (the prefix cache is left alone);
         a sleeping engine gets its weights back first and its KV cache after (module docstring)."""
-        named = list(named_tensors)
+        named = named_tensors
         if self._plan is None:
+            named = list(named)
             self._plan = self._build_plan(named)
         self._wake(["weights"])
         before = self._storage() if self._check_storage else None

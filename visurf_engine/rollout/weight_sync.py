@@ -2,12 +2,8 @@
 
 Built once, from names, shapes and dtypes only (no tensor data), and executed every step:
 
-* **Names.** The trainer holds a transformers (>= 5) Qwen2(.5)-VL, whose in-memory names
-  nest the language model and the vision tower under ``model.``
-  (``model.language_model.layers.0.self_attn.q_proj.weight``, ``model.visual.blocks.0...``).
-  Checkpoints, and ``save_pretrained``, keep the flat layout (``model.layers.0...``,
-  ``visual.blocks.0...``); the engine was built from such a checkpoint and is fed the same
-  names (``checkpoint_name``). ``lm_head.weight`` is the same in both.
+* **Names.** The trainer's tensors carry transformers' in-memory names; the engine was built
+  from a checkpoint and is fed checkpoint names (``models.weights.checkpoint_name``).
 * **Exactly once.** Every engine tensor gets exactly one trainer tensor of the same shape, and
   every trainer tensor feeds exactly one engine tensor. A tied alias (a trainer name that is
   the same ``Parameter`` as another, e.g. ``lm_head.weight`` and
@@ -29,67 +25,13 @@ Built once, from names, shapes and dtypes only (no tensor data), and executed ev
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 
-# in-memory prefix -> checkpoint prefix (transformers >= 5, Qwen2-VL and Qwen2.5-VL)
-_CHECKPOINT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-def checkpoint_name(name: str) -> str:
-    """Checkpoint (``save_pretrained``) name of a transformers in-memory parameter name."""
-    for memory, checkpoint in _CHECKPOINT_PREFIXES:
-        if name.startswith(memory):
-            return checkpoint + name[len(memory) :]
-    return name
-
-
-def named_specs(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, TensorSpec], dict[str, str]]:
-    """``(specs, aliases)`` of named trainer tensors: every tensor once, and each tied alias (a later
-    name of the same tensor object) -> its source name."""
-    specs: dict[str, TensorSpec] = {}
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, t in named:
-        if id(t) in first:
-            aliases[name] = first[id(t)]
-            continue
-        first[id(t)] = name
-        specs[name] = TensorSpec(tuple(t.shape), t.dtype)
-    return specs, aliases
-
-
-def module_specs(model: torch.nn.Module) -> tuple[dict[str, TensorSpec], dict[str, str]]:
-    """``named_specs`` of a module's parameters, tied ones included."""
-    return named_specs(model.named_parameters(remove_duplicate=False))
-
-
-def checkpoint_specs(model_dir: str | Path) -> dict[str, TensorSpec]:
-    """Names, shapes and dtypes stored in a safetensors checkpoint directory (one file or an index of shards)."""
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    specs = {}
-    for file in files:
-        with safe_open(str(model_dir / file), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                specs[name] = TensorSpec(tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
-    return specs
+from ..models.weights import TensorSpec, checkpoint_name
 
 
 def _group(engine_name: str) -> str:
@@ -159,21 +101,46 @@ class SyncPlan:
         """Every ``(trainer_name, engine_name)``, bucket after bucket."""
         return [pair for bucket in self.buckets for pair in bucket]
 
+    def _unplanned_error(self, missing, unplanned) -> ValueError:
+        return ValueError(f"weight sync: tensors differ from the plan; missing {sorted(missing)}, unplanned {sorted(unplanned)}")
+
     def tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The planned trainer tensors by name; ``named_tensors`` must hold every planned name
         (aliases may be present and are skipped) and no other."""
         tensors = {name: t for name, t in named_tensors if name not in self.aliases}
         planned = {t for t, _ in self.pairs}
         if set(tensors) != planned:
-            raise ValueError(
-                f"weight sync: tensors differ from the plan; missing {sorted(planned - set(tensors))}, "
-                f"unplanned {sorted(set(tensors) - planned)}"
-            )
+            raise self._unplanned_error(planned - set(tensors), set(tensors) - planned)
         return tensors
 
-    def batches(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """One ``[(engine_name, tensor in the engine dtype)]`` list per bucket, cast lazily bucket by bucket."""
-        tensors = self.tensors(named_tensors)
-        for bucket in self.buckets:
-            yield [(target, tensors[name].detach().to(self.dtype)) for name, target in bucket]
+    def stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The planned ``(trainer_name, tensor)`` pairs of ``named_tensors`` as they come, aliases
+        skipped, nothing held back (a sharded learner's gathered tensors are freed one by one);
+        an unplanned name raises when it comes, a missing one at the end."""
+        planned = {t for t, _ in self.pairs}
+        seen: set[str] = set()
+        for name, t in named_tensors:
+            if name in self.aliases:
+                continue
+            if name not in planned:
+                raise self._unplanned_error(set(), {name})
+            seen.add(name)
+            yield name, t
+        if seen != planned:
+            raise self._unplanned_error(planned - seen, set())
 
+    def batches(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """One ``[(engine_name, tensor in the engine dtype)]`` list per bucket, each yielded as soon
+        as its last tensor arrives from the stream (``stream``); a bucket's tensors are cast as
+        they arrive, so a sync holds about one bucket of cast copies (more only if the stream
+        comes out of plan order)."""
+        bucket_of = {name: k for k, bucket in enumerate(self.buckets) for name, _ in bucket}
+        target = dict(self.pairs)
+        pending: dict[int, dict[str, torch.Tensor]] = {}
+        ready = 0
+        for name, t in self.stream(named_tensors):
+            pending.setdefault(bucket_of[name], {})[name] = t.detach().to(self.dtype)
+            while ready < len(self.buckets) and len(pending.get(ready, ())) == len(self.buckets[ready]):
+                got = pending.pop(ready)
+                yield [(target[n], got[n]) for n, _ in self.buckets[ready]]
+                ready += 1

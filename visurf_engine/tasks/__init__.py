@@ -21,7 +21,7 @@ from typing import Sequence
 
 from ..config import Config
 from ..data import DataError, Row, decodable, load_rows
-from ..parallel.data_parallel import World, barrier
+from ..parallel.world import World, barrier
 from ..rewards import RewardSpec
 from . import shapes
 from .shapes.base_model import build_base_model, cached_base_model

@@ -3,10 +3,11 @@
 The learner protocol (``learners.base``) on megatron-core: it holds this rank's stage and
 tensor shard of the policy (``model.QwenVLMegatron``), loaded from the HF model through
 ``convert.hf_to_megatron`` and wrapped in megatron-core's ``DistributedDataParallel``. The HF
-model stays the rollout / evaluation / scoring replica; ``export_weights`` streams the trained
-weights back under HF names (``convert.megatron_to_hf``, gathered over the tensor group,
-broadcast over the pipeline group) into the HF replica, for the weight sync, which is also the
-checkpoint format.
+model stays the rollout / evaluation / scoring replica (``policy``; its no-grad passes are the
+learner's ``logprobs``); ``export_weights`` streams the trained weights back under HF names
+(``convert.megatron_to_hf``, gathered over the tensor group, broadcast over the pipeline group)
+into the HF replica, for the weight sync, which is also the checkpoint format (rank 0 writes
+``model.safetensors`` from it, every rank its ``optimizer_rank{r}.pt``).
 The ranks of one model-parallel group train on the same members (``share``).
 
 One optimizer step over micro-batches ``m = 1..M`` (``forward_backward`` then ``step``):
@@ -31,10 +32,12 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_model, save_model
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -43,9 +46,15 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from visurf_kernels import LossSpec, fused_policy_loss
 
-from ...parallel.data_parallel import World
+from ...config import ParallelConfig
+from ...durable import durable
+from ...models.hf import ImageOnlyProcessor, load_pretrained
+from ...models.policy import Batching, Policy, Prompts
+from ...models.precision import Precision
 from ...parallel.megatron import broadcast_from_model_parallel_source
+from ...parallel.world import World, all_gather, broadcast, ranks_of
 from ..base import Learner, LossStats, MicroBatch, clip_grad_norm
+from ..checkpointing import apply_activation_checkpointing
 from .convert import Layout, canonical_hf_name, hf_to_megatron, megatron_to_hf
 from .model import QwenVLMegatron, transformer_config
 
@@ -53,13 +62,13 @@ from .model import QwenVLMegatron, transformer_config
 class MegatronLearner(Learner):
     """This rank's shard of the policy, its DDP wrapper and optimizer (module docstring)."""
 
-    sharded_optimizer = True
     packs = False  # the local layer spec has no packed (THD) attention: padded rows
 
-    def __init__(self, hf_model: torch.nn.Module, layout: Layout, spec: LossSpec, dp: World, *, lr: float, betas,
+    def __init__(self, policy: Policy, layout: Layout, spec: LossSpec, dp: World, *, lr: float, betas,
                  weight_decay: float):  # fmt: skip
+        hf_model = policy.model
         dtype = next(hf_model.parameters()).dtype
-        self.layout, self.hf_model, self.spec, self.dp = layout, hf_model, spec, dp
+        self.policy, self.layout, self.hf_model, self.spec, self.dp = policy, layout, hf_model, spec, dp
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.config = transformer_config(hf_model.config, layout, dtype)
@@ -72,6 +81,17 @@ class MegatronLearner(Learner):
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+    @classmethod
+    def load(cls, path: str | Path, processor: ImageOnlyProcessor, precision: Precision, spec: LossSpec, dp: World,
+             parallel: ParallelConfig, *, activation_checkpointing: bool = False, **optim) -> MegatronLearner:  # fmt: skip
+        """This rank's shard of the checkpoint at ``path`` and its HF replica (``policy``)."""
+        if activation_checkpointing:
+            raise NotImplementedError("train.activation_checkpointing with model.backend=megatron: not wired to "
+                                      "megatron's recompute options yet; use model.backend=fsdp or hf")  # fmt: skip
+        model, _ = load_pretrained(path, dtype=precision.master, device=dp.device)
+        layout = Layout.from_hf_config(model.config, parallel.tp, parallel.pp)
+        return cls(Policy(model, processor, dp.device, precision), layout, spec, dp, **optim)
 
     # -- weights --------------------------------------------------------------------------
     @torch.no_grad()
@@ -96,24 +116,42 @@ class MegatronLearner(Learner):
         shards = [{} for _ in range(self.layout.tp)]
         for name, p in self.module.named_parameters():
             if getattr(p, "tensor_model_parallel", False) and self.layout.tp > 1:
-                parts = [torch.empty_like(p) for _ in range(self.layout.tp)]
-                dist.all_gather(parts, p.contiguous(), group=tp_group)
+                parts = all_gather([torch.empty_like(p) for _ in range(self.layout.tp)], p.contiguous(), tp_group)
             else:  # replicated over the tensor group
                 parts = [p] * self.layout.tp
             for shard, part in zip(shards, parts):
                 shard[name] = part
         mine = megatron_to_hf(shards, self.layout, self.pp_rank)
-        pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        pp_ranks = ranks_of(pp_group)
         for name, target in self.hf_model.state_dict(keep_vars=True).items():
             owner = self.layout.owner_stage(name)
             if owner == self.pp_rank:
                 target.copy_(mine[canonical_hf_name(name)])
             if self.layout.pp > 1:
-                dist.broadcast(target.detach(), src=pp_ranks[owner], group=parallel_state.get_pipeline_model_parallel_group())
+                broadcast(target.detach(), pp_ranks[owner], pp_group)
             yield name, target
 
     def share(self, obj: Any) -> Any:
         return broadcast_from_model_parallel_source(obj)
+
+    def logprobs(self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]],
+                 batching: Batching) -> torch.Tensor:  # fmt: skip
+        """From the HF replica, which ``export_weights`` keeps current (rank-local)."""
+        return self.policy.logprobs(prompts, idx, completions, self.spec.replace(with_entropy=False), batching)
+
+    def save_state(self, directory: Path, world: World) -> None:
+        """``model.safetensors`` from the HF replica (rank 0) and each rank's ``optimizer_rank{r}.pt``."""
+        for _ in self.export_weights():  # the replica holds the trained weights (every rank takes part)
+            pass
+        if world.is_main:
+            durable(directory / "model.safetensors", lambda p: save_model(self.hf_model, str(p)))
+        durable(directory / f"optimizer_rank{world.rank}.pt", lambda p: torch.save(self.optimizer.state_dict(), p))
+
+    def load_state(self, directory: Path, rank: int) -> None:
+        load_model(self.hf_model, str(directory / "model.safetensors"), strict=True)
+        self.load_weights(self.hf_model.state_dict().items())
+        self.optimizer.load_state_dict(torch.load(directory / f"optimizer_rank{rank}.pt", weights_only=False))
 
     # -- one optimizer step ----------------------------------------------------------------
     def forward_backward(self, micro: Sequence[MicroBatch]) -> list[LossStats]:

@@ -43,7 +43,7 @@ from ...models import attention
 from ...models.hf import ImageOnlyProcessor, image_processor_for
 from ...models.policy import Batching, Policy
 from ...models.tiny import tiny_config, train_tokenizer
-from ...parallel.data_parallel import World
+from ...parallel.world import World
 from ...rewards import get_reward
 from . import generator
 from .probe import make_probe_split
