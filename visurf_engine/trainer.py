@@ -207,7 +207,7 @@ class Trainer:
         def loglik(idx: list[int], candidates: list[str]) -> list[float]:
             tokens = [self.policy.encode_text(c) for c in candidates]
             logp = self.policy.logprobs(prompts, idx, tokens, self.loss_spec.replace(with_entropy=False), self.batching)
-            return [float(x.sum()) for x in torch.split(logp, [len(t) for t in tokens])]
+            return [float(x.mean()) for x in torch.split(logp, [len(t) for t in tokens])]
 
         gold = make_gold(
             self.spec, [r.solution for r in rows], [r.id for r in rows], texts, rewards.rollout,
