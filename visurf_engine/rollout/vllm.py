@@ -63,8 +63,8 @@ the engine is fully awake; earlier releases returned None).
 
 The level (vLLM 0.32: ``Worker.sleep`` / ``wake_up`` in ``v1/worker/gpu_worker.py``,
 ``CuMemBackend.suspend`` in ``device_allocator/sleep_mode_backend.py``, ``CuMemAllocator`` in
-``device_allocator/cumem.py``), for a 7B model (Qwen2.5-VL-7B: 8.29 B parameters, 16.6 GB in
-bf16), per step:
+``device_allocator/cumem.py``), for a 7B model (Qwen2.5-VL-7B: 8.29 B parameters, 16.6 GB =
+15.4 GiB in bf16), per step:
 
 - level 1 copies every weight to pinned host memory at the sleep and back at the wake, only for
   the sync to overwrite it: 16.6 GB device -> host and 16.6 GB host -> device per step, and
