@@ -257,6 +257,40 @@ def test_choose_style_align_controls():
         choose_style(G, [], cands, align=True, align_style="pretty", loglik=None)
 
 
+def test_trainer_align_fallback_ranks_renderings_by_mean_token_loglik():
+    """Rollouts in no recognisable style: ``Trainer._gold``'s ``loglik`` ranks the candidate
+    renderings by their mean per-token log-prob (``algo.gold.LogLik``). The stub policy writes
+    spaced JSON: its spaces are likely tokens (-0.1), every other character costs -1 in both
+    renderings. The spaced rendering is longer, so its sum is the lower one: a sum would pick
+    the compact rendering only because it is shorter."""
+    from types import SimpleNamespace
+
+    from visurf_engine.config import load_config
+    from visurf_engine.trainer import Trainer
+
+    def logp(token: int) -> float:
+        return -0.1 if token == ord(" ") else -1.0
+
+    class Policy:  # one token per character
+        def encode_text(self, text):
+            return [ord(c) for c in text]
+
+        def logprobs(self, prompts, idx, tokens, spec, batching):
+            return torch.tensor([logp(t) for seq in tokens for t in seq])
+
+    sol = [{"bbox_2d": [32, 4, 52, 24]}]
+    per_token = {s: [logp(ord(c)) for c in G.render(sol, s)] for s in G.styles}
+    spaced, compact = per_token["spaced"], per_token["compact"]
+    assert len(spaced) > len(compact) and sum(spaced) < sum(compact)  # the sum ranks compact first
+    assert sum(spaced) / len(spaced) > sum(compact) / len(compact)  # the likelier per token: spaced
+    trainer = Trainer.__new__(Trainer)  # only what _gold reads
+    trainer.cfg, trainer.spec, trainer.policy, trainer.loss_spec, trainer.batching = (
+        load_config(), G, Policy(), LossSpec(), None)  # fmt: skip
+    tokens, _, m, _ = trainer._gold(SimpleNamespace(scored_gold=False), [SimpleNamespace(solution=sol, id="r")],
+                                    None, [["garbage", "<answer>?</answer>"]], GroupRewards(1))  # fmt: skip
+    assert ["".join(map(chr, t)) for t in tokens] == [G.render(sol, "spaced")] and m["gold/aligned_share"] == 1.0
+
+
 def test_choose_styles_scores_every_unrecognised_group_in_one_call():
     spaced = '<think>x</think><answer>[{"bbox_2d": [4, 4, 24, 24]}]</answer>'
     sols = [[{"bbox_2d": [32, 4, 52, 24]}], [], [{"bbox_2d": [4, 32, 24, 52]}]]

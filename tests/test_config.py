@@ -46,6 +46,7 @@ def test_yaml_then_overrides(tmp_path):
         ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization: must be in (0, 1]"),
         ("rollout.vllm.enforce_eager=maybe", "rollout.vllm.enforce_eager: expected bool"),
         ("rollout.vllm.kv_cache_space_gib=0", "rollout.vllm.kv_cache_space_gib: must be > 0"),
+        ("rollout.vllm.sleep_level=3", "rollout.vllm.sleep_level: 3 is not one of 1, 2"),
         ("rollout.hf.replica=1", "rollout.hf.replica: expected bool"),
         ("algo.rollout_correction=is", "algo.rollout_correction: 'is' is not one of none, tis"),
         ("algo.rollout_correction=tis", "algo.rollout_correction: tis needs .* rollout.backend=vllm"),

@@ -68,8 +68,11 @@ def setup(built):
 
 
 def rollout_config(**vllm) -> RolloutConfig:
+    """Sleep level 1 where there is a sleep mode (CUDA): these tests generate again after sampling
+    without a sync in between, which level 2 refuses (the weights are discarded until the sync;
+    ``test_rollout_vllm_cuda.py`` covers both levels)."""
     return RolloutConfig(n=N, temperature=T, max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET,
-                         vllm=VLLMConfig(**{"max_model_len": 512, "dtype": "float32", **vllm}))  # fmt: skip
+                         vllm=VLLMConfig(**{"max_model_len": 512, "dtype": "float32", "sleep_level": 1, **vllm}))  # fmt: skip
 
 
 def sampled_logprob_error(policy, prompts, out) -> float:

@@ -2,10 +2,13 @@
 
 After a weight sync, a CUDA-graph engine (``enforce_eager=False``) decodes the same greedy
 tokens as an eager one; the sync keeps every engine parameter at its
-address (``VLLMRollout._reload`` raises otherwise); and with sleep mode the engine sleeps after
-sampling and the sync wakes it in the order weights -> load -> KV cache, then generates as an
-engine that never slept. A process holds one vLLM engine at a time (``rollout/vllm.py``), so
-the engines are built one after another, each closing the previous one.
+address (``VLLMRollout._reload`` raises otherwise); and with sleep mode, at level 1 and at
+level 2, the engine sleeps after sampling, the sync wakes it in the order weights -> load -> KV
+cache (at level 2 onto discarded weights, every one rewritten by the load), and it then
+generates as an engine that never slept, without another wake-up. A process holds one vLLM
+engine at a time (``rollout/vllm.py``), so the engines are built one after another, each
+closing the previous one. The same call order is checked on CPU against a stand-in engine
+(``test_rollout_vllm_sleep.py``).
 """
 
 from __future__ import annotations
@@ -69,13 +72,15 @@ def test_cuda_graph_engine_decodes_as_the_eager_one_after_a_sync(moved, eager_gr
     assert graphs.greedy(prompts) == eager_greedy
 
 
-def test_sleep_during_the_update_and_wake_weights_load_kv_cache(moved, eager_greedy, monkeypatch):
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_during_the_update_and_wake_weights_load_kv_cache(moved, eager_greedy, monkeypatch, level):
     path, policy, prompts = moved
-    rollout = engine(path, policy, sleep=True, enforce_eager=False)
-    assert rollout.sleep_mode
+    rollout = engine(path, policy, sleep=True, sleep_level=level, enforce_eager=False)
+    assert rollout.sleep_mode and rollout._sleep.level == level
     torch.manual_seed(0)
     rollout.sample(prompts, 2)
-    assert rollout._asleep and rollout.llm.llm_engine.is_sleeping()
+    assert rollout._sleep.asleep == {"weights", "kv_cache"} and rollout.llm.llm_engine.is_sleeping()
+    assert rollout._sleep.discarded == (level == 2)
     calls = []
     wake_up, reload = rollout.llm.wake_up, rollout.llm.collective_rpc
     monkeypatch.setattr(rollout.llm, "wake_up", lambda tags=None: calls.append(("wake", tags)) or wake_up(tags))
@@ -84,5 +89,6 @@ def test_sleep_during_the_update_and_wake_weights_load_kv_cache(moved, eager_gre
     kinds = [c for c in calls if c[0] == "wake" or c[1] == "reload_weights"]
     assert kinds[0] == ("wake", ["weights"]) and kinds[-1] == ("wake", ["kv_cache"])
     assert {c[0] for c in kinds[1:-1]} == {"load"}
-    assert not rollout._asleep and not rollout.llm.llm_engine.is_sleeping()
-    assert rollout.greedy(prompts) == eager_greedy
+    assert not rollout._sleep.asleep and not rollout.llm.llm_engine.is_sleeping()
+    assert rollout.greedy(prompts) == eager_greedy  # level 2: the load rewrote every weight
+    assert [c for c in calls if c[0] == "wake"] == [("wake", ["weights"]), ("wake", ["kv_cache"])]  # none after the sync

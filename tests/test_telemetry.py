@@ -1,14 +1,18 @@
-"""Telemetry: the phase timer's times and peak memory, the peak-memory probe, and the NVML sampler's windows."""
+"""Telemetry: the phase timer's times and peak memory, the peak-memory probe, the NVML sampler's
+windows, and the NVML handle of the torch device under ``CUDA_VISIBLE_DEVICES``."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+import types
 
 import numpy as np
 import pytest
 import torch
 
-from visurf_engine.telemetry import NvmlSampler, PeakMemory, PhaseTimer
+from visurf_engine.telemetry import NvmlSampler, PeakMemory, PhaseTimer, _Nvml
 
 
 def test_phase_timer_times_and_peaks_each_phase():
@@ -60,6 +64,47 @@ def test_nvml_sampler_windows():
     assert first["gpu/samples"] >= 2 and first["gpu/util"] == 50.0 and first["gpu/sm_clock_mhz"] == 1980.0
     assert first["gpu/mem_used_gib"] == first["gpu/samples"]  # the peak of 1, 2, ..., n
     assert second["gpu/samples"] < first["gpu/samples"]  # a window holds only its own samples
+
+
+class FakeUuid:
+    """torch's ``_CUuuid``: not a string; ``str`` gives the 8-4-4-4-12 hex form without a prefix."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def test_nvml_handle_is_the_torch_devices_by_uuid_not_by_index(monkeypatch):
+    physical = [f"{i:08x}-0000-4000-8000-00000000000{i}" for i in range(4)]  # NVML's GPUs 0-3
+    handles = [object() for _ in physical]
+
+    def by_uuid(uuid: str):
+        if not uuid.startswith("GPU-") or uuid[4:] not in physical:
+            raise RuntimeError(f"NVML_ERROR_NOT_FOUND: {uuid}")
+        return handles[physical.index(uuid[4:])]
+
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByUUID=by_uuid,
+        nvmlDeviceGetHandleByIndex=lambda i: handles[i],
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=handles.index(h)),  # gpu/util: the index
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=0),
+        nvmlDeviceGetPowerUsage=lambda h: 0,
+        nvmlDeviceGetClockInfo=lambda h, clock: 0,
+        NVML_CLOCK_SM=1,
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")  # torch's devices 0, 1 are physical 3, 1
+    visible = [int(i) for i in os.environ["CUDA_VISIBLE_DEVICES"].split(",")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(uuid=FakeUuid(physical[visible[i]])))  # fmt: skip
+    opened = _Nvml.open()
+    assert opened is not None and opened.handle is handles[3] and opened.handle is not handles[0]
+    assert opened.sample()["gpu/util"] == 3.0
 
 
 @pytest.mark.cuda

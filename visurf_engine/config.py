@@ -98,7 +98,8 @@ class VLLMConfig:
     kv_cache_space_gib: float = 1.0  # CPU: KV cache size
     gpu_memory_utilization: float = 0.3  # GPU: device-memory share for vLLM's weights + KV cache (the rest trains)
     enforce_eager: bool | None = None  # null: eager on CPU, CUDA graphs on GPU
-    sleep: bool | None = None  # sleep (level 1) from each sampling to the next weight sync; null: where supported (CUDA)
+    sleep: bool | None = None  # sleep from each sampling to the next weight sync; null: where supported (CUDA)
+    sleep_level: int = 2  # 2: weights discarded while asleep (the sync rewrites them); 1: copied to host and back
     bucket_bytes: int = 256 << 20  # weight sync: bytes (engine dtype) per reload call
 
 
@@ -272,6 +273,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("rollout.backend", r.backend, ("hf", "vllm"))
     _check_choice("rollout.hf.dtype", r.hf.dtype, ("float32", "bfloat16"))
     _check_choice("rollout.vllm.dtype", r.vllm.dtype, ("auto", "float32", "bfloat16"))
+    _check_choice("rollout.vllm.sleep_level", r.vllm.sleep_level, (1, 2))
     _check_choice("algo.rollout_correction", a.rollout_correction, ("none", "tis"))
     _check_choice("data.task", d.task, ("shapes", "files"))
     _check_choice("data.on_bad_row", d.on_bad_row, ("error", "skip"))

@@ -99,13 +99,18 @@ class _Nvml:
 
     @classmethod
     def open(cls) -> "_Nvml | None":
+        """The current torch device's NVML handle, found by its UUID: NVML numbers every GPU of the
+        machine, torch only the visible ones (``CUDA_VISIBLE_DEVICES=3`` makes physical GPU 3
+        torch's device 0), so the two indices differ. torch writes the UUID as
+        ``xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx``, NVML as ``GPU-`` followed by the same."""
         if not torch.cuda.is_available():
             return None
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            return cls(pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device()))
+            uuid = torch.cuda.get_device_properties(torch.cuda.current_device()).uuid
+            return cls(pynvml, pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}"))
         except Exception:  # no NVML library or driver: telemetry is optional
             return None
 

@@ -6,8 +6,11 @@ For B groups with gold solutions ``y*_b``, the reward's styles ``s`` and the pol
   template with an empty reasoning slot, the answer in style ``s``.
 - **align** (``choose_styles``): off, the dataset's style; a fixed ``align_style``; or
   ``auto``: the style most of group b's rollouts are written in (``spec.detect_style``),
-  and where none is recognisable ``argmax_s log pi(c_{b,s} | x_b)``, from ONE batched
-  no-grad pass over every (b, s) pair that needs it (the caller's ``loglik``).
+  and where none is recognisable ``argmax_s (1/|c|) sum_t log pi(c_{b,s,t} | x_b, c_{b,s,<t})``,
+  the mean per-token log-likelihood, from ONE batched no-grad pass over every (b, s) pair
+  that needs it (the caller's ``loglik``). The mean, not the sum: renderings of one answer
+  differ in length (compact JSON has no spaces), and a sum of negative terms favours the
+  shorter one whatever the policy writes.
 - **score**: the components ``r*_{b,c}`` of the chosen text (``score_batch``: a failing
   sample is zeroed and counted, never raised).
 - **eliminate**: the gold carries no reasoning trace, so its thinking-format component is
@@ -27,7 +30,7 @@ import torch
 from ..rewards import RewardSpec, score_batch
 from ..rewards.base import on_grid, weighted_total
 
-LogLik = Callable[[list[int], list[str]], list[float]]  # (group indices, texts) -> sum log pi(text | prompt)
+LogLik = Callable[[list[int], list[str]], list[float]]  # (group indices, texts) -> mean per-token log pi(text | prompt)
 
 
 @dataclass

@@ -9,8 +9,8 @@ prompt G + 1 times in a row; the first G rows of each group are generated, the l
 gold answer from the dataset column ``gold_column`` and is never generated.
 
 - render + align: ``algo.gold.make_gold`` (``auto``: the style most of the group's G rollouts
-  are written in, else the candidate with the highest log-likelihood under the policy, from
-  one batched no-grad pass through ``visurf_kernels.fused_logprobs``);
+  are written in, else the candidate with the highest mean per-token log-likelihood under the
+  policy, from one batched no-grad pass through ``visurf_kernels.fused_logprobs``);
 - score: TRL's own reward functions, on all G + 1 rows (by default one per component of the
   ``RewardSpec``: ``reward_funcs_from_spec``);
 - eliminate + smooth: ``algo.gold.control_gold_rewards`` on the gold rows of TRL's gathered
@@ -294,14 +294,14 @@ class ViSurfGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _loglik(self, rows, candidates, prompt_ids, fields, num_images) -> list[float]:
-        """``sum_t log pi(candidate_t | prompt of row r)`` for each (row, candidate), one batch."""
+        """``mean_t log pi(candidate_t | prompt of row r)`` (``algo.gold.LogLik``) for each (row, candidate), one batch."""
         completions = [self._encode_completion(c) for c in candidates]
         batch = self._batch([prompt_ids[r] for r in rows], completions, select_rows(fields, rows, num_images))
         model = self.accelerator.unwrap_model(self.model)
         hidden, targets, mask = self._completion_hidden(model, batch)
         weight = model.get_output_embeddings().weight
         logp, _ = fused_logprobs(hidden.to(weight.dtype), weight, targets, self.loss_spec.replace(with_entropy=False))
-        return [float(x.sum()) for x in torch.split(logp, mask.sum(1).tolist())]
+        return [float(x.mean()) for x in torch.split(logp, mask.sum(1).tolist())]
 
     def _batch(self, prompts: list[list[int]], completions: list[list[int]], fields: dict[str, Any]) -> dict[str, Any]:
         """A batch in the layout of TRL's ``_generate_and_score_completions`` output: prompts

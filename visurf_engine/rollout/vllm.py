@@ -53,11 +53,36 @@ check means nothing: vLLM's CPU backend repacks each linear weight into a oneDNN
 loading and leaves the parameter itself empty, so the log-prob parity with the trainer is the
 test.
 
-**Sleep** (``rollout.vllm.sleep``; CUDA). Between a ``sample`` and the next sync the engine
-sleeps at level 1 (weights offloaded to host memory, KV cache released), so the update has the
-device memory. The sync wakes it in the order weights -> load -> KV cache: the weights come back
-at their old addresses (vLLM's memory pool keeps the virtual addresses), the new ones are loaded
-into them, and only then is the KV cache re-allocated.
+**Sleep** (``rollout.vllm.sleep``, ``rollout.vllm.sleep_level``; CUDA). Between a ``sample`` and
+the next sync the engine sleeps (KV cache released, weights as the level says), so the update has
+the device memory. ``SleepState`` is the only caller of ``LLM.sleep`` / ``wake_up`` and keeps, per
+memory pool (``weights``, ``kv_cache``), whether it is asleep: ``sample`` puts both to sleep; the
+sync wakes ``weights``, loads, then wakes ``kv_cache``; a wake of memory already awake calls
+nothing. The state is its own, not read back from ``wake_up`` (in vLLM 0.32 it returns whether
+the engine is fully awake; earlier releases returned None).
+
+The level (vLLM 0.32: ``Worker.sleep`` / ``wake_up`` in ``v1/worker/gpu_worker.py``,
+``CuMemBackend.suspend`` in ``device_allocator/sleep_mode_backend.py``, ``CuMemAllocator`` in
+``device_allocator/cumem.py``), for a 7B model (Qwen2.5-VL-7B: 8.29 B parameters, 16.6 GB =
+15.4 GiB in bf16), per step:
+
+- level 1 copies every weight to pinned host memory at the sleep and back at the wake, only for
+  the sync to overwrite it: 16.6 GB device -> host and 16.6 GB host -> device per step, and
+  16.6 GB of pinned host memory per rank;
+- level 2 (the default) discards the weights: the sleep releases their physical memory and keeps
+  the virtual addresses, the wake maps fresh memory at the same addresses (``create_and_map`` of
+  the kept handle), so captured CUDA graphs and the sync's storage check stay valid; the fresh
+  memory's contents are undefined. The model's buffers, which no checkpoint carries, are saved
+  to host at the sleep and restored at the weights' wake (``named_buffers``: the rotary cos/sin
+  cache, 128000 positions x 128 in bf16, 33 MB for the 7B). The in-place reload never reads a
+  parameter's old contents (``reload/layerwise.py``: each layer is rebuilt on fresh tensors from
+  the loaded weights, then copied into its kept storage), and the sync plan feeds every
+  checkpoint tensor exactly once, so every weight is rewritten before the KV cache wakes. Bytes
+  moved per step: the buffers only. Until that sync the engine holds no weights: generating in
+  between raises (at level 1 it would wake and restore them).
+
+At either level the sync itself writes the same 16.6 GB, and the CUDA-graph and runtime pools are
+kept (copied to host and back).
 """
 
 from __future__ import annotations
@@ -192,6 +217,47 @@ def _collapse_image_pads(ids: Sequence[int], image_token_id: int) -> list[int]:
     return out
 
 
+SLEEP_TAGS = ("weights", "kv_cache")  # vLLM's memory pools that sleep and wake separately
+
+
+class SleepState:
+    """Which of the engine's memory is asleep, and every call into vLLM's sleep mode (module
+    docstring, **Sleep**). ``level`` 0 never sleeps (each method then calls nothing); 1 or 2 is
+    vLLM's sleep level. ``llm`` is the ``vllm.LLM`` (passed per call: the engine may be closed)."""
+
+    def __init__(self, level: int):
+        if level not in (0, 1, 2):
+            raise ValueError(f"sleep level must be 0 (no sleep), 1 or 2, got {level}")
+        self.level = level
+        self.asleep: set[str] = set()  # of SLEEP_TAGS
+        self.discarded = False  # level 2: the weights' contents are gone until the next load
+
+    def sleep(self, llm) -> None:
+        """Put all of the engine's memory to sleep (after sampling; the engine is awake then)."""
+        if self.level:
+            llm.sleep(level=self.level)
+            self.asleep = set(SLEEP_TAGS)
+            self.discarded = self.level == 2
+
+    def wake(self, llm, tags: Sequence[str]) -> None:
+        """Wake those of ``tags`` that are asleep, in one ``wake_up``; nothing when all are awake."""
+        if todo := [t for t in tags if t in self.asleep]:
+            llm.wake_up(todo)
+            self.asleep -= set(todo)
+
+    def wake_to_generate(self, llm) -> None:
+        """Wake everything before a generation; refused while the weights are discarded."""
+        if self.discarded:
+            raise RuntimeError("the vLLM engine's weights were discarded when it slept after sampling "
+                               "(rollout.vllm.sleep_level=2): sync_weights must load them before it "
+                               "generates again")  # fmt: skip
+        self.wake(llm, SLEEP_TAGS)
+
+    def loaded(self) -> None:
+        """The sync has written every weight: they hold values again."""
+        self.discarded = False
+
+
 _open: list[VLLMRollout] = []  # the process's open engine (module docstring)
 
 
@@ -242,7 +308,7 @@ class VLLMRollout(RolloutEngine):
         self._engine_specs = checkpoint_specs(model_dir)
         self._plan: SyncPlan | None = None
         self._check_storage = gpu
-        self._asleep = False
+        self._sleep = SleepState(v.sleep_level if self.sleep_mode else 0)
         _open.append(self)
 
     @property
@@ -293,7 +359,7 @@ class VLLMRollout(RolloutEngine):
         return reqs
 
     def _generate(self, prompts: Prompts, params: list, completions=None) -> list:
-        self._wake()
+        self._sleep.wake_to_generate(self.llm)
         with _caller_state():
             outs = self.llm.generate(self._requests(prompts, completions), params, use_tqdm=False)
         for i, out in enumerate(outs):
@@ -317,7 +383,7 @@ class VLLMRollout(RolloutEngine):
 
     def sample(self, prompts: Prompts, n: int | None = None) -> Rollouts:
         """``n`` (default ``cfg.n``) sampled completions per prompt and their sampling log-probs; the
-        engine then sleeps until the next sync (``sleep_mode``)."""
+        engine then sleeps until the next sync (``sleep_mode``; at level 2 it cannot generate before it)."""
         r = self.cfg
         n = r.n if n is None else n
         params = [
@@ -327,9 +393,7 @@ class VLLMRollout(RolloutEngine):
         ]
         tokens, logprobs = [], []
         outs = self._generate(prompts, params)
-        if self.sleep_mode:
-            self.llm.sleep(level=1)
-            self._asleep = True
+        self._sleep.sleep(self.llm)
         for out in outs:
             samples = sorted(out.outputs, key=lambda c: c.index)
             tokens.append([list(c.token_ids) for c in samples])
@@ -373,11 +437,6 @@ class VLLMRollout(RolloutEngine):
     def _storage(self) -> dict[str, int]:
         return self.llm.apply_model(lambda model: {n: p.data_ptr() for n, p in model.named_parameters()})[0]
 
-    def _wake(self, tags: list[str] | None = None) -> None:
-        """Wake the sleeping engine: the memory of ``tags`` (``weights``, ``kv_cache``), or all of it."""
-        if self._asleep:
-            self._asleep = not self.llm.wake_up(tags)
-
     def _reload(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the tensors in place and reset the encoder cache (the prefix cache is left alone);
         a sleeping engine gets its weights back first and its KV cache after (module docstring)."""
@@ -385,7 +444,7 @@ class VLLMRollout(RolloutEngine):
         if self._plan is None:
             named = list(named)
             self._plan = self._build_plan(named)
-        self._wake(["weights"])
+        self._sleep.wake(self.llm, ["weights"])
         before = self._storage() if self._check_storage else None
         with _caller_state(), _quiet(_RELOAD_LOGGERS), torch.no_grad():
             for batch in self._plan.batches(named):
@@ -395,8 +454,9 @@ class VLLMRollout(RolloutEngine):
             after = self._storage()
             if moved := sorted(n for n in before if after.get(n) != before[n]):
                 raise RuntimeError(f"weight sync moved engine parameters to new storage: {moved}")
+        self._sleep.loaded()
         self.llm.llm_engine.reset_encoder_cache()
-        self._wake(["kv_cache"])
+        self._sleep.wake(self.llm, ["kv_cache"])
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the trainer's parameters (transformers in-memory names, e.g. ``model.named_parameters()``) into vLLM.
