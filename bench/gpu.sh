@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU-only check and benchmark of the project, in one call that fits a lent GPU's lease
-# (the correctness checks first, then the benchmarks by value, each under its own time budget, all
-# inside BUDGET_S = 470 s; a stage gets at most what is left):
+# Every GPU-only check and benchmark of the project, in one call that fits a lent GPU's lease (the correctness
+# checks first, then the benchmarks by value). Each stage runs under its own time budget (BUDGETS below; a stage
+# gets at most what is left), all of them inside BUDGET_S = 470 s, and the budgets add up to less than that, the
+# rest being set-up (the carried wheels) and the summary:
 #
 #   kernel-tests    kernels/tests on CUDA: the Triton kernels against the float64 oracle
 #   cuda-tests      pytest -m cuda (the tests that need a CUDA device: CUDA graphs, storage addresses)
-#   kernels-bench   bench/kernels.py: the fused loss at the Qwen2.5-VL-3B and -7B head shapes, Liger's
-#                   fused GRPO loss beside ours (skipped by the bench, with the reason, without liger_kernel)
-#   throughput      bench/throughput.py --peer trl on a random-init 3B (1 warm-up + 3 steps a side, 128-token
-#                   completions, 448x448 images): per-phase times, tokens/s, MFU, NVML, TRL side by side
+#   megatron-tp     bench/megatron_tp.py: megatron-core's TP step against the HF oracle on the GPU (TP = 1 on one
+#                   GPU: its CUDA paths, NCCL, DDP buffers, which the CPU tests never reach; TP = 2 with two)
+#   kernels-bench   bench/kernels.py: the fused loss at the Qwen2.5-VL-7B and -3B head shapes, with bf16 inputs
+#                   (Liger's fused GRPO loss beside ours; skipped, with the reason, without liger_kernel) and with
+#                   the trainer's fp32 inputs under bf16 autocast (the 3xTF32 kernels)
+#   throughput      bench/throughput.py --peer trl on a random-init 3B (1 warm-up + 3 steps a side, settings:
+#                   THROUGHPUT_3B_OVERRIDES): per-phase times, tokens/s, MFU, NVML, TRL side by side
 #   update-bench    bench/update.py on GPU (random-init 3B, G = 8, 448x448 images: the padded layout at its
 #                   840x840 default would put ~72 x 3600 patches through the vision tower with autograd,
 #                   an estimated 150+ GB): padded vs packed vs packed + vision once
-#   weight-sync     bench/weight_sync.py at the 3B shapes, if the file exists (vLLM engine skipped without vllm)
+#   weight-sync     bench/weight_sync.py at the 3B shapes (vLLM engine skipped without vllm)
+#
+# Every bench writes its JSON as it goes (complete: false until its last row), so a stage stopped by its budget
+# keeps what it measured; a row that fails (out of memory) is recorded with its error and the others go on.
 #
 # Usage:
 #   bench/gpu.sh                  on the GPU machine; results: $OUT (the device tool's folder) or --out DIR gets
@@ -21,13 +28,15 @@
 #   bench/gpu.sh --dry-run        on CPU: the same stages with each one's CPU smoke settings (CI runs it, so the
 #                                 script cannot rot); results in a temporary folder, never in bench/results/
 #   bench/gpu.sh --fetch-wheels   here, with a network: the optional wheels the GPU image lacks (TRL and datasets
-#                                 for the peer, Liger for the kernel bench) into .whl/ (git-ignored), for the
-#                                 device call to carry (carry: [".whl"]); gpu.sh installs them from there
+#                                 for the peer, Liger for the kernel bench, megatron-core for megatron-tp) into
+#                                 .whl/ (git-ignored), for the device call to carry (carry: [".whl"]); gpu.sh
+#                                 installs them from there
 #
 # A missing optional package is named at the start and its stage (or row) says it was skipped; a stage that
 # fails or runs out of time is marked so in the summary, with the end of its log; the summary table is last.
-# Environment: THROUGHPUT_OVERRIDES (extra key=value for the throughput stage, e.g. rollout.hf.replica=true),
-# VLLM_PYTHON (an interpreter with vLLM for the throughput stage's rollout.backend=vllm row), BUDGET_S, PYTHON.
+# Environment: THROUGHPUT_3B_OVERRIDES (below), THROUGHPUT_OVERRIDES (extra key=value for the throughput stage in
+# either mode, e.g. rollout.hf.replica=true), VLLM_PYTHON (an interpreter with vLLM for the throughput stage's
+# rollout.backend=vllm row), BUDGET_S, PYTHON.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,13 +48,39 @@ while [ $# -gt 0 ]; do
         --dry-run) MODE=dry ;;
         --fetch-wheels) MODE=fetch ;;
         --out) OUTDIR=${2:?--out needs a folder}; shift ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 
-WHEELS="trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5"
+BUDGET_S=${BUDGET_S:-470}
+# Stage budgets in seconds: stage, on the GPU, in --dry-run. Each column adds up to at most BUDGET_S (the GPU
+# column leaves 15 s for set-up and the summary); docs/performance.md shows the GPU column as a table
+# (tests/test_gpu_script.py checks the sums, that every stage has a row, and that the doc's table is this one).
+# No stage has been timed on a GPU yet: the GPU column is an estimate.
+BUDGETS="
+kernel-tests     75   45
+cuda-tests       60   75
+megatron-tp      40   75
+kernels-bench    60   45
+throughput      120  120
+update-bench     70   60
+weight-sync      30   45
+"
+# The throughput stage's settings on the random-init Qwen2.5-VL-3B. The engine trains it as it trains everything
+# today on CUDA: fp32 master weights under bf16 autocast, no activation checkpointing, one GPU. Its weights, grads
+# and AdamW moments alone are 3.75 B x 16 B = 56 GiB, autocast's bf16 weight copies 7 GiB more, so an 80 GB H100 has
+# about 15 GiB left for activations and the vision tower (estimates, not measured: ~6 MiB a token over the 36
+# layers, ~2 GiB a 448x448 image): 4 prompts x G = 4 and micro-batches of at most 1024 tokens (about two sequences
+# of 256 image tokens + prompt + 128 completion tokens; TRL's micro-batches are sized from the same budget,
+# bench/trl_peer.py) instead of the defaults (8 prompts, 8192 tokens: ~50 GiB of activations). Once
+# model.backend=fsdp, train.activation_checkpointing and the bf16 compute precision exist, add
+# train.activation_checkpointing=true and the bf16 precision here and go back to the default batch and micro-batch
+# sizes (fsdp shards the states only across several GPUs: on one it saves nothing).
+THROUGHPUT_3B_OVERRIDES=${THROUGHPUT_3B_OVERRIDES:-"rollout.max_new_tokens=128 train.batch_size=4 train.max_tokens_per_micro_batch=1024"}
+
+WHEELS="trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 megatron-core==0.16.1"
 if [ "$MODE" = fetch ]; then
     grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || grep -qxF "/.whl/" .gitignore || echo "/.whl/" >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -58,7 +93,6 @@ fi
 
 PY=${PYTHON:-python3}
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-470}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/visurf-gpu.XXXXXX")
 mkdir -p "$WORK/results" "$WORK/logs"
 if [ -z "$OUTDIR" ]; then
@@ -73,9 +107,10 @@ if [ "$MODE" = gpu ]; then
         echo "bench/gpu.sh: no CUDA device here; use --dry-run on CPU" >&2
         exit 2
     fi
-    if ls .whl/*.whl >/dev/null 2>&1; then  # carried optional wheels (--fetch-wheels)
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
-            && export PYTHONPATH="$WORK/site:$PYTHONPATH" || echo "warning: installing .whl/ failed; going on without"
+    if ls .whl/*.whl >/dev/null 2>&1; then  # carried optional wheels (--fetch-wheels); one by one if all at once fails
+        pip_target() { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$@"; }
+        pip_target .whl/*.whl || for w in .whl/*.whl; do pip_target "$w" || echo "warning: $w does not install here; going on without"; done
+        export PYTHONPATH="$WORK/site:$PYTHONPATH"
     fi
 fi
 
@@ -88,16 +123,21 @@ if ! ls visurf_engine/_qwen2vl_image*.so >/dev/null 2>&1; then
 fi
 
 echo "== bench/gpu.sh ($MODE) on $($PY -c 'from visurf_engine.provenance import device_name; print(device_name())')"
+COL=$([ "$MODE" = gpu ] && echo 2 || echo 3)
+budget_of() { awk -v s="$1" -v c="$COL" '$1 == s { print $c }' <<<"$BUDGETS"; }
+echo "   stage budgets ($MODE column of BUDGETS; all stages inside BUDGET_S = ${BUDGET_S} s):"
+awk -v c="$COL" 'NF { printf "     %-14s %4d s\n", $1, $c; sum += $c } END { printf "     %-14s %4d s\n", "(sum)", sum }' <<<"$BUDGETS"
 $PY - <<'EOF'
 import importlib.metadata as md, importlib.util
 optional = {"triton": "Triton kernels", "liger_kernel": "Liger row of kernels-bench", "vllm": "vLLM engine rows",
             "trl": "TRL peer of throughput", "datasets": "TRL peer of throughput", "pynvml": "NVML telemetry",
-            "flash_attn": "flash-attn varlen attention (else per-sequence SDPA)"}
+            "megatron": "megatron-tp", "flash_attn": "flash-attn varlen attention (else per-sequence SDPA)"}
 for mod, what in optional.items():
     if importlib.util.find_spec(mod) is None:
         print(f"   missing {mod}: skipped or replaced: {what}")
     else:
-        dist = {"liger_kernel": "liger-kernel", "pynvml": "nvidia-ml-py", "flash_attn": "flash-attn"}.get(mod, mod)
+        dist = {"liger_kernel": "liger-kernel", "pynvml": "nvidia-ml-py", "flash_attn": "flash-attn",
+                "megatron": "megatron-core"}.get(mod, mod)
         try:
             print(f"   present {mod} {md.version(dist)}")
         except md.PackageNotFoundError:
@@ -106,10 +146,15 @@ EOF
 
 STATUS="$WORK/status.tsv"
 : >"$STATUS"
-# stage NAME BUDGET_S COMMAND...: run it under what is left of both budgets, log it, record its status
+# stage NAME COMMAND...: run it under its budget (BUDGETS) and what is left of BUDGET_S, log it, record its status
 stage() {
-    local name=$1 budget=$2
-    shift 2
+    local name=$1 budget
+    shift
+    budget=$(budget_of "$name")
+    if [ -z "$budget" ]; then
+        echo "bench/gpu.sh: stage $name has no budget in BUDGETS" >&2
+        exit 2
+    fi
     local left=$((BUDGET_S - ($(date +%s) - START)))
     if [ "$left" -lt 20 ]; then
         printf '%s\tskipped\t0\tno time left in the %ss budget\n' "$name" "$BUDGET_S" >>"$STATUS"
@@ -140,23 +185,25 @@ VLLM_ARG=${VLLM_PYTHON:+--vllm-python $VLLM_PYTHON}
 # the files that hold cuda-marked tests (collecting only them: a broken optional stack elsewhere cannot stop them)
 CUDA_TESTS=$(grep -l "mark\.cuda" tests/*.py kernels/tests/*.py 2>/dev/null | tr '\n' ' ')
 if [ "$MODE" = gpu ]; then
-    stage kernel-tests 90 $PY -m pytest -q -p no:cacheprovider kernels/tests
-    stage cuda-tests 75 $PY -m pytest -q -p no:cacheprovider -m cuda $CUDA_TESTS
-    stage kernels-bench 60 $PY bench/kernels.py --out "$R/kernels.json"
+    stage kernel-tests $PY -m pytest -q -p no:cacheprovider kernels/tests
+    stage cuda-tests $PY -m pytest -q -p no:cacheprovider -m cuda $CUDA_TESTS
+    stage megatron-tp $PY bench/megatron_tp.py --out "$R/megatron_tp.json"
+    stage kernels-bench $PY bench/kernels.py --out "$R/kernels.json"
     wait_build
-    stage throughput 150 $PY bench/throughput.py --peer trl --random-init qwen2.5-vl-3b --steps 3 --warmup 1 $VLLM_ARG \
-        rollout.max_new_tokens=128 ${THROUGHPUT_OVERRIDES:-} --out "$R/throughput.json"
-    stage update-bench 90 $PY bench/update.py --groups 8 --image 448 --reps 3 --out "$R/update.json"
-    [ -f bench/weight_sync.py ] && stage weight-sync 40 $PY bench/weight_sync.py --models qwen2.5-vl-3b --reps 5 --out "$R/weight_sync.json"
+    stage throughput $PY bench/throughput.py --peer trl --random-init qwen2.5-vl-3b --steps 3 --warmup 1 $VLLM_ARG \
+        $THROUGHPUT_3B_OVERRIDES ${THROUGHPUT_OVERRIDES:-} --out "$R/throughput.json"
+    stage update-bench $PY bench/update.py --groups 8 --image 448 --reps 2 --out "$R/update.json"
+    stage weight-sync $PY bench/weight_sync.py --models qwen2.5-vl-3b --reps 5 --out "$R/weight_sync.json"
 else
-    stage kernel-tests 60 $PY -m pytest -q -p no:cacheprovider --collect-only kernels/tests
-    stage cuda-tests 90 $PY -m pytest -q -p no:cacheprovider -m cuda $CUDA_TESTS
-    stage kernels-bench 60 $PY bench/kernels.py --quick --tokens 64 --reps 1 --out "$R/kernels.json"
+    stage kernel-tests $PY -m pytest -q -p no:cacheprovider --collect-only kernels/tests
+    stage cuda-tests $PY -m pytest -q -p no:cacheprovider -m cuda $CUDA_TESTS
+    stage megatron-tp $PY bench/megatron_tp.py --device cpu --out "$R/megatron_tp.json"
+    stage kernels-bench $PY bench/kernels.py --quick --tokens 64 --reps 1 --out "$R/kernels.json"
     wait_build
-    stage throughput 120 $PY bench/throughput.py --peer trl --random-init tiny --quick $VLLM_ARG ${THROUGHPUT_OVERRIDES:-} \
+    stage throughput $PY bench/throughput.py --peer trl --random-init tiny --quick $VLLM_ARG ${THROUGHPUT_OVERRIDES:-} \
         --out "$R/throughput.json"
-    stage update-bench 90 $PY bench/update.py --quick --out "$R/update.json"
-    [ -f bench/weight_sync.py ] && stage weight-sync 60 $PY bench/weight_sync.py --models tiny --engines replica --reps 1 --out "$R/weight_sync.json"
+    stage update-bench $PY bench/update.py --quick --out "$R/update.json"
+    stage weight-sync $PY bench/weight_sync.py --models tiny --engines replica --reps 1 --out "$R/weight_sync.json"
 fi
 wait_build
 
@@ -172,6 +219,10 @@ def load(name):
     p = res / f"{name}.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
+def partial(name):  # a bench stopped before its last row (by its budget) wrote complete: false
+    data = load(name)
+    return " (partial: the bench stopped before its last row)" if data and data.get("complete") is False else ""
+
 def pytest_line(name):
     log = work / "logs" / f"{name}.log"
     lines = [l for l in log.read_text().splitlines() if re.search(r"\b(passed|failed|skipped|deselected|collected|error)", l)] if log.is_file() else []
@@ -181,15 +232,22 @@ def kernels():
     k = load("kernels")
     if not k:
         return ""
-    parts = [", ".join(f"{key} {v:.2f}" for key, v in s.items() if isinstance(v, float)) + f" ({s['shape']} N={s['n']})"
-             for s in k["summary"] if s["n"] == max(x["n"] for x in k["summary"])]
-    return "; ".join(parts) + ("; skipped: " + ", ".join(k["skipped"]) if k.get("skipped") else "")
+    parts = [f"{s['inputs']}: " + ", ".join(f"{key} {v:.2f}" for key, v in s.items() if isinstance(v, float))
+             + f" ({s['shape']} N={s['n']})" for s in k["summary"] if s["n"] == max(x["n"] for x in k["summary"])]
+    failed = [f"{r['inputs']} {r['shape']} N={r['n']} {r['method']}: {r['error']}" for r in k["results"] if r.get("error")]
+    return "; ".join(parts + ["failed " + f for f in failed] + (["skipped: " + ", ".join(k["skipped"])] if k.get("skipped") else []))
 
 def update():
-    u = load("update")
-    rows = [r for r in (u or {}).get("results", []) if r["layout"] == "packed+vision"]
-    return "; ".join(f"G={r['g']}: packed+vision {r['time_vs_padded']:.2f}x padded time, "
-                     f"{r['peak_vs_padded'] or 0:.2f}x memory" for r in rows)
+    rows = (load("update") or {}).get("results", [])
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append(f"failed G={r['g']} {r['layout']}: {r['error']}")
+        elif r["layout"] == "packed+vision" and r.get("time_vs_padded") is None:
+            out.append(f"G={r['g']}: packed+vision {r['s_per_update']:.2f} s/update (no padded row to compare)")
+        elif r["layout"] == "packed+vision":
+            out.append(f"G={r['g']}: packed+vision {r['time_vs_padded']:.2f}x padded time, {r['peak_vs_padded'] or 0:.2f}x memory")
+    return "; ".join(out)
 
 def throughput():
     t = load("throughput")
@@ -207,11 +265,25 @@ def throughput():
 
 def weight_sync():
     w = load("weight_sync") or {}
-    rows = [f"{r['model']} {r['engine']} {r['sync_ms']:.1f} ms = {r['ratio']:.1f}x floor" for r in w.get("results", [])]
+    rows = [f"failed {r['model']} {r['engine']}: {r['error']}" if "error" in r
+            else f"{r['model']} {r['engine']} {r['sync_ms']:.1f} ms = {r['ratio']:.1f}x floor" for r in w.get("results", [])]
     return "; ".join(rows + [f"skipped {k}" for k in w.get("skipped", {})])
 
-headline = {"kernel-tests": lambda: pytest_line("kernel-tests"), "kernels-bench": kernels, "weight-sync": weight_sync,
-            "update-bench": update, "throughput": throughput, "cuda-tests": lambda: pytest_line("cuda-tests")}
+def megatron_tp():
+    m = load("megatron_tp")
+    if not m:
+        return ""
+    if m.get("skipped"):
+        return "skipped: " + m["skipped"]
+    bad = [f"FAILED {c['check']}: {c['error']:.3g} > {c['tolerance']:.3g}" for c in m["checks"] if not c["ok"]]
+    worst = next(c for c in m["checks"] if c["check"].startswith("gradients ("))
+    return f"TP={m['tp']} on {m['device']}: " + ("; ".join(bad) if bad else
+            f"{len(m['checks'])} checks ok (worst gradient {worst['error']:.2g}, tolerance {worst['tolerance']:.0e})")
+
+benches = {"kernels-bench": ("kernels", kernels), "weight-sync": ("weight_sync", weight_sync), "update-bench": ("update", update),
+           "throughput": ("throughput", throughput), "megatron-tp": ("megatron_tp", megatron_tp)}
+headline = {"kernel-tests": lambda: pytest_line("kernel-tests"), "cuda-tests": lambda: pytest_line("cuda-tests"),
+            **{stage: (lambda f=f, j=j: f() + partial(j)) for stage, (j, f) in benches.items()}}
 rows = [line.split("\t") for line in (work / "status.tsv").read_text().splitlines()]
 summary = []
 for name, status, secs, note in rows:

@@ -61,8 +61,9 @@ once and cached). A random-init model never stops early, so every completion is
 
 Prints the tables and writes JSON (``provenance``: device, versions, commit, date, command;
 every measured step) to ``bench/results/throughput-<mode>-<device>-<date>.json`` (and the
-sweep's PNGs beside it). ``--quick`` is a smoke run of any mode (a 3-step warm start, tiny
-batches, 1 + 2 steps; not for the record).
+sweep's PNGs beside it); the file is first written whenever a point finishes or fails (the
+points so far, ``complete: false``), so a run killed later keeps them. ``--quick`` is a smoke
+run of any mode (a 3-step warm start, tiny batches, 1 + 2 steps; not for the record).
 """
 
 from __future__ import annotations
@@ -87,12 +88,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scaling, trl_peer, also when imported from elsewhere
 
+from results_file import ResultsFile  # noqa: E402
 from scaling import describe, fit_growth, plot_sweep  # noqa: E402
 
 from visurf_engine.algo.paradigms import PARADIGMS  # noqa: E402
 from visurf_engine.config import Config, ConfigError, load_config  # noqa: E402
 from visurf_engine.parallel.world import init_world  # noqa: E402
-from visurf_engine.provenance import device_name, result_path, write_result  # noqa: E402
+from visurf_engine.provenance import device_name, result_path  # noqa: E402
 from visurf_engine.telemetry import NvmlSampler, PeakMemory  # noqa: E402
 
 PHASES = ("encode", "rollout", "reward", "gold", "reference", "old_logprobs", "update", "sync")
@@ -367,9 +369,11 @@ def measure_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 / float(np.median(times)) / 1e12
 
 
-def run_points(points: list[Point], base: dict[str, Any], interleaved: bool) -> tuple[dict[str, Worker], dict[str, str]]:
+def run_points(points: list[Point], base: dict[str, Any], interleaved: bool,
+               on_point=lambda done, failed: None) -> tuple[dict[str, Worker], dict[str, str]]:  # fmt: skip
     """Start the workers, grant their steps (round-robin, or one point after another), stop them.
-    A point that fails is dropped with its error (the others go on); returns (finished, failed)."""
+    A point that fails is dropped with its error (the others go on); ``on_point(finished, failed)``
+    is called whenever a point finishes or fails; returns (finished, failed)."""
     done: dict[str, Worker] = {}
     failed: dict[str, str] = {}
     bar = tqdm(total=sum(len(p.schedule) for p in points), desc="steps", dynamic_ncols=True, disable=not sys.stderr.isatty())
@@ -381,6 +385,7 @@ def run_points(points: list[Point], base: dict[str, Any], interleaved: bool) -> 
                 workers.append(Worker(p, base))
             except RuntimeError as e:
                 failed[p.name] = str(e)
+                on_point(done, failed)
         while workers:
             for w in list(workers):
                 try:
@@ -392,10 +397,12 @@ def run_points(points: list[Point], base: dict[str, Any], interleaved: bool) -> 
                         w.close()
                         done[w.point.name] = w
                         workers.remove(w)
+                        on_point(done, failed)
                 except RuntimeError as e:
                     failed[w.point.name] = str(e)
                     w.process.kill()
                     workers.remove(w)
+                    on_point(done, failed)
     bar.close()
     return done, failed
 
@@ -445,6 +452,12 @@ def summarise(w: Worker, peak_tflops: float | None) -> dict[str, Any]:
         out["sft_steps"], out["rlvr_steps"] = _stats(sft), _stats([r["time/step"] for r in recs if r.get("phase/sft") != 1.0])
         out["sft_share"] = len(sft) / len(recs)
     return out
+
+
+def point_records(workers: dict[str, Worker], peak_tflops: float | None) -> list[dict[str, Any]]:
+    """The JSON of each finished point: its overrides (without the run directory), info, summary and steps."""
+    return [{"name": n, "side": w.point.side, "overrides": w.point.overrides[:-1], "info": w.info,
+             "summary": summarise(w, peak_tflops), "steps": w.records} for n, w in workers.items()]  # fmt: skip
 
 
 def step_cost(s: dict[str, Any]) -> float:
@@ -678,7 +691,18 @@ def main(argv=None) -> int:
             print(f"skipping {name}: {reason}")
         peak = args.peak_tflops or (measure_matmul_tflops() if cuda else None)
         interleaved = args.schedule == "interleaved" or args.schedule == "auto" and not cuda
-        workers, failed = run_points(points, base, interleaved)
+        tag = ("cpu" if not cuda else torch.cuda.get_device_name().lower().replace(" ", "-")) + ("-quick" if args.quick else "")
+        out = ResultsFile(args.out or result_path(f"throughput-{args.mode}", tag))
+        payload: dict[str, Any] = {"bench": "throughput", "mode": args.mode, "model": model_note, "config": args.config,
+                                   "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup,
+                                   "schedule": "interleaved" if interleaved else "sequential", "peak_tflops": peak,
+                                   "skipped": skipped}  # fmt: skip
+
+        def write_partial(done: dict[str, Worker], failed: dict[str, str]) -> None:
+            """The points finished so far (a run killed later keeps them); the cross-point summaries come at the end."""
+            out.write(payload | {"failed": failed, "points": point_records(done, peak)}, complete=False)
+
+        workers, failed = run_points(points, base, interleaved, write_partial)
         summary = {name: summarise(w, peak) for name, w in workers.items()}
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -696,12 +720,7 @@ def main(argv=None) -> int:
             print_point(name, s, workers[name].info, len(workers[name].records))
     if len(points) > 1:
         print_matrix(summary)
-    tag = ("cpu" if not cuda else torch.cuda.get_device_name().lower().replace(" ", "-")) + ("-quick" if args.quick else "")
-    out = args.out or result_path(f"throughput-{args.mode}", tag)
-    payload: dict[str, Any] = {"bench": "throughput", "mode": args.mode, "model": model_note, "config": args.config,
-                               "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup,
-                               "schedule": "interleaved" if interleaved else "sequential", "peak_tflops": peak,
-                               "skipped": skipped, "failed": failed}  # fmt: skip
+    payload["failed"] = failed
     if args.mode == "paradigms":
         payload["paradigms"] = paradigm_summary(workers, summary)
         print_paradigms(payload["paradigms"])
@@ -709,11 +728,10 @@ def main(argv=None) -> int:
         payload["peer"] = peer_summary(summary)
         print_peer(payload["peer"], skipped)
     elif args.mode == "sweep":
-        payload["sweeps"] = sweep_summary(args.sweep, summary, out.with_suffix(""), f"{device_name()}; {model_note}")
-        print_sweeps(payload["sweeps"], out.parent)
-    payload["points"] = [{"name": n, "side": w.point.side, "overrides": w.point.overrides[:-1], "info": w.info,
-                          "summary": summary[n], "steps": w.records} for n, w in workers.items()]  # fmt: skip
-    print(f"\nwrote {write_result(out, payload)}")
+        payload["sweeps"] = sweep_summary(args.sweep, summary, out.path.with_suffix(""), f"{device_name()}; {model_note}")
+        print_sweeps(payload["sweeps"], out.path.parent)
+    payload["points"] = point_records(workers, peak)
+    print(f"\nwrote {out.write(payload, complete=True)}")
     if failed:
         print(f"failed: {', '.join(failed)} (above; the JSON holds the points that finished)")
     return 1 if failed else 0

@@ -20,7 +20,10 @@ tokens a prompt); GPU: random-init Qwen2.5-VL-3B (``models.presets``), bf16, 840
 
     python bench/update.py [--quick] [--groups 4 8] [--prompts 8] [--preset tiny|qwen2.5-vl-3b]
 
-JSON (provenance and every measurement) under ``bench/results/update-<device>-<date>.json``.
+A layout that fails (out of memory, say) is recorded with its error (``"error": "OutOfMemoryError:
+..."``) and the others still run. JSON (provenance and every measurement) under
+``bench/results/update-<device>-<date>.json``, rewritten after every layout (``complete: false``
+until the last; ``results_file``).
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from results_file import ResultsFile, error_line
 from visurf_kernels import LossSpec
 
 from visurf_engine.algo.members import build_members, sequence_weights
@@ -50,7 +55,7 @@ from visurf_engine.models.policy import Policy
 from visurf_engine.models.presets import real_shape_config
 from visurf_engine.models.tiny import SPECIAL_TOKENS, tiny_config, train_tokenizer
 from visurf_engine.parallel.world import World
-from visurf_engine.provenance import device_name, write_result
+from visurf_engine.provenance import device_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = {
@@ -122,6 +127,33 @@ def worker(layout: str, g: int, args) -> dict:
     }  # fmt: skip
 
 
+def run_worker(cmd: list[str], layout: str, g: int) -> dict:
+    """One layout's row from its worker process; a failed worker's row holds its ``error`` (the
+    exception it reported, or how it died) and the end of its stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    last = (out.stdout.strip().splitlines() or [""])[-1]
+    try:
+        row = json.loads(last)
+    except json.JSONDecodeError:
+        died = f"killed by signal {-out.returncode}" if out.returncode < 0 else f"exit code {out.returncode}"
+        row = {"layout": layout, "g": g, "error": f"worker died ({died}) without a result"}
+    if "error" in row:
+        row["stderr_tail"] = out.stderr[-3000:]
+        print(f"{layout} G={g} failed: {row['error']}", file=sys.stderr)
+    return row
+
+
+def with_ratios(rows: list[dict]) -> None:
+    """Each measured row's time and peak memory over its G's ``padded`` row (None while that row
+    is missing or failed)."""
+    for r in rows:
+        if "error" in r:
+            continue
+        ref = next((x for x in rows if x["g"] == r["g"] and x["layout"] == "padded" and "error" not in x), None)
+        r["time_vs_padded"] = r["s_per_update"] / ref["s_per_update"] if ref else None
+        r["peak_vs_padded"] = r["peak_bytes"] / ref["peak_bytes"] if ref and ref["peak_bytes"] else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="tiny (CPU default) | qwen2.5-vl-3b (GPU default) | qwen2.5-vl-7b")
@@ -143,37 +175,44 @@ def main(argv=None) -> int:
     if args.quick:
         args.prompts, args.groups, args.reps, args.warmup, args.image = 2, [2], 1, 0, 112
     if args.worker:
-        print(json.dumps(worker(args.worker, args.g, args)))
+        try:
+            print(json.dumps(worker(args.worker, args.g, args)))
+        except Exception as e:  # the parent records it; the traceback goes to stderr
+            traceback.print_exc()
+            print(json.dumps({"layout": args.worker, "g": args.g, "error": error_line(e)}))
+            return 1
         return 0
+    stamp = dt.datetime.now(dt.timezone.utc)
+    tag = ("gpu" if gpu else "cpu") + ("-quick" if args.quick else "")
+    out = ResultsFile(args.out or RESULTS / f"update-{tag}-{stamp:%Y%m%d-%H%M%S}.json")
     rows = []
+
+    def write(complete: bool) -> Path:
+        return out.write({"bench": "update", "preset": args.preset, "prompts": args.prompts, "image": args.image,
+                          "budget": args.budget, "reps": args.reps, "results": rows}, complete)  # fmt: skip
+
     passthrough = ["--preset", args.preset, "--prompts", str(args.prompts), "--image", str(args.image),
                    "--budget", str(args.budget), "--reps", str(args.reps), "--warmup", str(args.warmup)]  # fmt: skip
     for g in args.groups:
         for layout in LAYOUTS:
             cmd = [sys.executable, __file__, "--worker", layout, "--g", str(g), *passthrough]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                raise RuntimeError(f"{layout} G={g} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(run_worker(cmd, layout, g))
+            with_ratios(rows)
+            write(complete=False)
     print(f"\n{device_name()}; preset {args.preset}, {args.prompts} prompts x (G + gold), {args.image}px images, "
           f"completion budget {args.budget}; median of {args.reps}")  # fmt: skip
     print(f"{'G':>3s} {'layout':14s} {'s/update':>9s} {'x padded':>9s} {'peak MB':>8s} {'x padded':>9s} "
           f"{'micro':>5s} {'row tokens':>10s} {'vision imgs':>11s}")  # fmt: skip
     for r in rows:
-        ref = next(x for x in rows if x["g"] == r["g"] and x["layout"] == "padded")
-        r["time_vs_padded"] = r["s_per_update"] / ref["s_per_update"]
-        r["peak_vs_padded"] = r["peak_bytes"] / ref["peak_bytes"] if ref["peak_bytes"] else None
-        peak_ratio = f"{r['peak_vs_padded']:.2f}" if r["peak_vs_padded"] is not None else "-"
-        print(f"{r['g']:3d} {r['layout']:14s} {r['s_per_update']:9.3f} {r['time_vs_padded']:9.2f} "
-              f"{r['peak_bytes'] / 2**20:8.0f} {peak_ratio:>9s} {r['micro_batches']:5d} {r['padded_tokens']:10d} "
-              f"{r['vision_images']:11d}")  # fmt: skip
-    stamp = dt.datetime.now(dt.timezone.utc)
-    tag = ("gpu" if gpu else "cpu") + ("-quick" if args.quick else "")
-    out = args.out or RESULTS / f"update-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
-    payload = {"bench": "update", "preset": args.preset, "prompts": args.prompts, "image": args.image,
-               "budget": args.budget, "reps": args.reps, "results": rows}  # fmt: skip
-    print(f"\nwrote {write_result(out, payload)}")
-    return 0
+        if "error" in r:
+            print(f"{r['g']:3d} {r['layout']:14s} failed: {r['error']}")
+            continue
+        ratio = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        print(f"{r['g']:3d} {r['layout']:14s} {r['s_per_update']:9.3f} {ratio(r['time_vs_padded']):>9s} "
+              f"{r['peak_bytes'] / 2**20:8.0f} {ratio(r['peak_vs_padded']):>9s} {r['micro_batches']:5d} "
+              f"{r['padded_tokens']:10d} {r['vision_images']:11d}")  # fmt: skip
+    print(f"\nwrote {write(complete=True)}")
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ bfloat16. vLLM is built from a checkpoint of the model written to a temporary di
     python bench/weight_sync.py                      # every model and engine this machine can run
     python bench/weight_sync.py --models tiny --engines replica --reps 10
 
-Prints a table and writes JSON (device, versions, commit, date, command, every measurement) to
-``bench/results/weight_sync-<device>-<date>.json``.
+A (model, engine) row that fails (out of memory, say) is recorded with its error and the others
+still run. Prints a table and writes JSON (device, versions, commit, date, command, every
+measurement) to ``bench/results/weight_sync-<device>-<date>.json``, rewritten after every row
+(``complete: false`` until the last; ``results_file``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from pathlib import Path
 
 import visurf_engine  # noqa: F401  (the torchvision CPU layer, before transformers)
 import torch
+from results_file import ResultsFile, error_line
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from visurf_engine.config import RolloutConfig, VLLMConfig
 from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for
 from visurf_engine.models.tiny import tiny_config, train_tokenizer
-from visurf_engine.provenance import device_name, result_path, versions, write_result
+from visurf_engine.provenance import device_name, result_path, versions
 from visurf_engine.rollout.replica import Replica
 
 VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
@@ -159,19 +162,32 @@ def main(argv=None):
     for what, reason in skipped.items():
         print(f"skipping {what}: {reason}")
 
-    rows = [measure(name, engine, device, args.reps) for name in models for engine in engines]
     dev = device_name()
+    tag = "cpu" if device.type == "cpu" else dev.lower().replace(" ", "-")
+    out = ResultsFile(args.out or result_path("weight_sync", tag))
+    rows = []
+    for name in models:
+        for engine in engines:
+            try:
+                rows.append(measure(name, engine, device, args.reps))
+            except Exception as e:  # out of memory, an engine that cannot start: recorded, the rest goes on
+                rows.append({"model": name, "engine": engine, "error": error_line(e)})
+                print(f"{name} {engine} failed: {rows[-1]['error']}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            out.write({"bench": "weight_sync", "reps": args.reps, "skipped": skipped, "results": rows}, complete=False)
     print(f"\ndevice: {dev}; median of {args.reps} syncs; floor = one flat copy of the same elements, trainer -> engine dtype")
     print(f"{'model':15s} {'engine':8s} {'dtype':9s} {'MB':>9s} {'buckets':>7s} {'sync ms':>9s} {'floor ms':>9s} {'ratio':>7s}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['model']:15s} {r['engine']:8s} failed: {r['error']}")
+            continue
         print(f"{r['model']:15s} {r['engine']:8s} {r['engine_dtype'].removeprefix('torch.'):9s} {r['engine_bytes'] / 2**20:9.1f} "
               f"{r['buckets']:>7} {r['sync_ms']:9.2f} {r['floor_ms']:9.3f} {r['ratio']:6.1f}x")  # fmt: skip
-
-    tag = "cpu" if device.type == "cpu" else dev.lower().replace(" ", "-")
-    out = write_result(args.out or result_path("weight_sync", tag),
-                       {"bench": "weight_sync", "reps": args.reps, "skipped": skipped, "results": rows})
-    print(f"\nwrote {out}")
+    path = out.write({"bench": "weight_sync", "reps": args.reps, "skipped": skipped, "results": rows}, complete=True)
+    print(f"\nwrote {path}")
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
