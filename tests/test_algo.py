@@ -275,8 +275,9 @@ def test_trainer_align_fallback_ranks_renderings_by_mean_token_loglik():
         def encode_text(self, text):
             return [ord(c) for c in text]
 
-        def logprobs(self, prompts, idx, tokens, spec, batching):
-            return torch.tensor([logp(t) for seq in tokens for t in seq])
+    class Rollout:  # the engine that scores the renderings (rank-local)
+        def logprobs(self, prompts, idx, tokens):
+            return [torch.tensor([logp(t) for t in seq]) for seq in tokens]
 
     sol = [{"bbox_2d": [32, 4, 52, 24]}]
     per_token = {s: [logp(ord(c)) for c in G.render(sol, s)] for s in G.styles}
@@ -284,8 +285,7 @@ def test_trainer_align_fallback_ranks_renderings_by_mean_token_loglik():
     assert len(spaced) > len(compact) and sum(spaced) < sum(compact)  # the sum ranks compact first
     assert sum(spaced) / len(spaced) > sum(compact) / len(compact)  # the likelier per token: spaced
     trainer = Trainer.__new__(Trainer)  # only what _gold reads
-    trainer.cfg, trainer.spec, trainer.policy, trainer.loss_spec, trainer.batching = (
-        load_config(), G, Policy(), LossSpec(), None)  # fmt: skip
+    trainer.cfg, trainer.spec, trainer.policy, trainer.rollout = load_config(), G, Policy(), Rollout()
     tokens, _, m, _ = trainer._gold(SimpleNamespace(scored_gold=False), [SimpleNamespace(solution=sol, id="r")],
                                     None, [["garbage", "<answer>?</answer>"]], GroupRewards(1))  # fmt: skip
     assert ["".join(map(chr, t)) for t in tokens] == [G.render(sol, "spaced")] and m["gold/aligned_share"] == 1.0
