@@ -112,9 +112,10 @@ def test_triton_rejects_cpu_without_interpreter(monkeypatch):
 #   dhidden  buffer, W in dt; out fp32 (the vocab split over SPLIT > 1 programs: fp32
 #            partials, summed afterwards) or dt (SPLIT == 1: d hidden written directly)     2 (fp32: 1)
 #   dweight  buffer, x in dt; dW in dt with ACCUMULATE off (one chunk covers every row: dW
-#            written in the weight's dtype), or the fp32 accumulator with ACCUMULATE off
-#            (first chunk) and on (later chunks: load-add-store)                           3 (fp32: 2)
-# 25 in all. ``test_launched_variants_are_the_listed_ones`` checks this list against what the
+#            written in the weight's dtype), or the fp32 accumulator: for fp32 inputs written
+#            by the first chunk (ACCUMULATE off) and load-add-stored by the later ones (on);
+#            for 16-bit inputs zeroed and load-add-stored by every chunk (on)               2 per dt
+# 23 in all. ``test_launched_variants_are_the_listed_ones`` checks this list against what the
 # backend launches; ``test_kernels_compile_for_sm90_without_spills`` compiles each one.
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FLAGS = ("WITH_ENTROPY", "STORE_BUF", "ACCUMULATE")
@@ -131,7 +132,7 @@ def launched_variants() -> set[tuple]:
                 out.add(("stats", dt, (dt, dt, buf if store else None), (("STORE_BUF", store), ("WITH_ENTROPY", entropy))))
         for dh in {"fp32", dt}:
             out.add(("dhidden", dt, (buf, dt, dh), ()))
-        for dw, accumulate in {(dt, False), ("fp32", False), ("fp32", True)}:
+        for dw, accumulate in {(dt, False), ("fp32", True)}:
             out.add(("dweight", dt, (buf, dt, dw), (("ACCUMULATE", accumulate),)))
     return out
 
@@ -172,18 +173,6 @@ def variant_id(v: tuple) -> str:
     kernel, dt, descs, flags = v
     return "-".join([kernel, dt, "/".join(str(d) for d in descs), *(f"{k}={x}" for k, x in flags)])
 
-
-# Variants that do not compile within sm_90's limits today, and why. The kernels are not this test's to
-# change; each entry is an xfail(strict): the fix makes it pass, and then the entry must go.
-SM90_KNOWN_FAILING = {
-    ("dweight", dt, ("bf16", dt, "fp32"), (("ACCUMULATE", False),)): (
-        "the first chunk's dW kernel with 16-bit inputs and the fp32 accumulator needs 258 KiB of shared memory "
-        "(sm_90: 227 KiB), so it cannot launch (Triton 3.6.0 and 3.7.1, default dw_block, 3 stages); measured with the same "
-        "compile: num_stages=2 (209 KiB), BLOCK_H=128 (146 KiB), or a zeroed accumulator and ACCUMULATE=True "
-        "on every chunk (138 KiB) fit"
-    )
-    for dt in ("bf16", "fp16")
-}
 
 # Compiles every launched variant (``launched_variants``, given as JSON) with its default blocks for
 # sm_90 in one clean process and runs ptxas -v on each: each must use wgmma and TMA, spill no
@@ -264,8 +253,7 @@ def _sm90_results() -> dict[str, dict]:
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU runs the kernels themselves")
 @pytest.mark.parametrize("variant", [
-    pytest.param(v, id=variant_id(v), marks=[pytest.mark.xfail(strict=True, reason=SM90_KNOWN_FAILING[v])]
-                 if v in SM90_KNOWN_FAILING else [])
+    pytest.param(v, id=variant_id(v))
     for v in sorted(launched_variants(), key=repr)
 ])  # fmt: skip
 def test_kernels_compile_for_sm90_without_spills(variant):

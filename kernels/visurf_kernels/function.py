@@ -112,8 +112,9 @@ class _Pass:
             a = dlogp_fn(idx, logp) * inv_temp
             scale = torch.exp(st.m - lse[:, None]).mul_(-a[:, None])
             tgt_grad = -a * torch.expm1(logp)
+            accumulate = c0 > 0 or (dw is not None and dw.dtype != self.weight.dtype)  # _grad_buffers
             dh_c = eng.grads(
-                x, self.weight, st.buf, tgt, scale, tgt_grad, need_dh=dh is not None, dw=dw, accumulate=c0 > 0
+                x, self.weight, st.buf, tgt, scale, tgt_grad, need_dh=dh is not None, dw=dw, accumulate=accumulate
             )
             if dh is not None:
                 dh.index_copy_(0, idx, dh_c.to(dh.dtype))
@@ -129,14 +130,19 @@ def _check_inputs(hidden, weight, targets):
 
 
 def _grad_buffers(hidden, weight, n_rows: int, chunk: int, need_dh: bool, need_dw: bool):
-    """``d hidden`` (zeros: rows outside the gradient rows stay 0) and ``d lm_weight`` (written
-    by the first chunk, then accumulated: in the weight's dtype when one chunk covers all
-    ``n_rows``, else in fp32), each None when not needed."""
+    """``d hidden`` (zeros: rows outside the gradient rows stay 0) and ``d lm_weight``, each None
+    when not needed. ``d lm_weight`` is written by the first chunk in the weight's dtype when
+    one chunk covers all ``n_rows``; else it is accumulated in fp32 over the chunks: an fp32
+    weight's accumulator written by the first chunk, a 16-bit weight's one zeroed here and
+    accumulated by every chunk (the Triton kernel that stores a first fp32 ``[128, 256]`` tile
+    from 16-bit inputs would need 258 KiB of shared memory, over sm_90's 227 KiB; the one that
+    loads, adds and stores fits)."""
     dh = torch.zeros_like(hidden) if need_dh else None
     dw = None
     if need_dw:
         acc_dtype = weight.dtype if n_rows <= chunk else torch.promote_types(weight.dtype, torch.float32)
-        dw = (torch.empty_like if n_rows else torch.zeros_like)(weight, dtype=acc_dtype)
+        first_writes = n_rows and acc_dtype == weight.dtype
+        dw = (torch.empty_like if first_writes else torch.zeros_like)(weight, dtype=acc_dtype)
     return dh, dw
 
 
