@@ -102,3 +102,20 @@ def test_checkpoint_files_are_fsynced_before_the_renames_that_publish_them(tmp_p
         assert needed <= synced(i), (dst, needed - synced(i))
         assert next(e for e in events[i + 1 :] if e[0] == "fsync") == ("fsync", str(root)), "directory not fsynced after rename"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]  # keep=2
+
+
+def test_fsdp_killed_in_a_sharded_checkpoint_write_resumes_exactly(cache, tmp_path):
+    """``model.backend=fsdp`` on two gloo ranks: both killed in step 3's checkpoint (each rank's
+    shards written, its RNG not), resumed from step 2, end with the uninterrupted run's weights
+    bit for bit (both read back whole from their sharded checkpoints, ``export.read_weights``)."""
+    from visurf_engine.export import read_weights
+
+    fsdp = ["model.backend=fsdp", "train.eval_every=0"]
+    full = tmp_path / "full"
+    assert run_script("train", *_args(cache, full, *fsdp), nproc=2).returncode == 0
+    proc = run_script("train", "--kill=3:files", *_args(cache, tmp_path / "cut", *fsdp), nproc=2)
+    assert proc.returncode != 0 and (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_000002"
+    assert run_script("train", *_args(cache, tmp_path / "cut", *fsdp, "train.resume=true"), nproc=2).returncode == 0
+    ref, got = (read_weights(run / "checkpoints" / "step_000004") for run in (full, tmp_path / "cut"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [m["step"] for m in _lines(tmp_path / "cut") if "loss" in m] == [1, 2, 3, 4]

@@ -78,11 +78,11 @@ def test_consecutive_skips_stop_the_run_with_the_last_checkpoint_intact(cache, t
 class Toy(Learner):
     """The smallest learner: a linear layer, its grads reduced over the world."""
 
-    def __init__(self):
+    def __init__(self, dp: World = World()):
         torch.manual_seed(0)
         self.model = torch.nn.Linear(4, 2)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
-        self.dp = World()
+        self.dp = dp
 
     def forward_backward(self, micro):
         loss = self.model(torch.ones(1, 4)).sum()
@@ -126,7 +126,7 @@ def test_step_skips_on_a_non_finite_loss_and_zeroes_the_grads():
 
 def _agree_worker(rank, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    results = [_step(Toy(), loss_finite=rank != 1)[:2]]  # only rank 1's loss is non-finite
+    results = [_step(Toy(World(rank=rank, size=2)), loss_finite=rank != 1)[:2]]  # only rank 1's loss is non-finite
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -58,32 +58,38 @@ def tiny_vl_model(seed: int = 0, **config) -> Qwen2_5_VLForConditionalGeneration
     return model.float()
 
 
-def random_micro_batches(model, seed: int = 0, micro: int = 2, rows: int = 3, batching: Batching = PADDED) -> list[MicroBatch]:
-    """``micro`` micro-batches (padded unless ``batching`` says otherwise) of ``rows`` (prompt with
-    one image, completion) sequences of random lengths and tokens, advantages, weights and old
-    log-probs, collated as the trainer collates them (``models.collate``)."""
+def random_prompts(model, g: torch.Generator, rows: int = 3) -> tuple[Prompts, list[list[int]]]:
+    """``rows`` prompts (text, one image, text) and a completion each, random lengths and tokens."""
     config = model.config
-    g = torch.Generator().manual_seed(seed)
     text = config.text_config.vocab_size - 4
     n_img = GRID[0] * GRID[1] * GRID[2] // 4
 
     def rand(n, hi=text):
         return torch.randint(hi, (n,), generator=g)
 
+    ids, completions = [], []
+    for _ in range(rows):
+        ids.append(torch.cat([
+            rand(int(rand(1, 4)) + 2), torch.tensor([config.vision_start_token_id]),
+            torch.full((n_img,), config.image_token_id), torch.tensor([config.vision_end_token_id]), rand(int(rand(1, 5)) + 1),
+        ]))  # fmt: skip
+        completions.append(rand(int(rand(1, 6)) + 2).tolist())
+    pixels = torch.randn(rows * GRID[0] * GRID[1] * GRID[2], PATCH_DIM, generator=g)
+    prompts = Prompts(
+        input_ids=ids, mm_token_type_ids=[(p == config.image_token_id).long() for p in ids],
+        pixel_values=list(pixels.chunk(rows)), image_grid_thw=[torch.tensor(GRID)] * rows, images=[None] * rows,
+    )  # fmt: skip
+    return prompts, completions
+
+
+def random_micro_batches(model, seed: int = 0, micro: int = 2, rows: int = 3, batching: Batching = PADDED) -> list[MicroBatch]:
+    """``micro`` micro-batches (padded unless ``batching`` says otherwise) of ``rows`` (prompt with
+    one image, completion) sequences of random lengths and tokens (``random_prompts``), advantages,
+    weights and old log-probs, collated as the trainer collates them (``models.collate``)."""
+    g = torch.Generator().manual_seed(seed)
     out = []
     for m in range(micro):
-        ids, completions = [], []
-        for _ in range(rows):
-            ids.append(torch.cat([
-                rand(int(rand(1, 4)) + 2), torch.tensor([config.vision_start_token_id]),
-                torch.full((n_img,), config.image_token_id), torch.tensor([config.vision_end_token_id]), rand(int(rand(1, 5)) + 1),
-            ]))  # fmt: skip
-            completions.append(rand(int(rand(1, 6)) + 2).tolist())
-        pixels = torch.randn(rows * GRID[0] * GRID[1] * GRID[2], PATCH_DIM, generator=g)
-        prompts = Prompts(
-            input_ids=ids, mm_token_type_ids=[(p == config.image_token_id).long() for p in ids],
-            pixel_values=list(pixels.chunk(rows)), image_grid_thw=[torch.tensor(GRID)] * rows, images=[None] * rows,
-        )  # fmt: skip
+        prompts, completions = random_prompts(model, g, rows)
         batch = collate(prompts, range(rows), completions, batching, rope_index=model.model.get_rope_index, pad_id=0,
                         device=torch.device("cpu"))  # fmt: skip
         n = int(batch.lengths.sum())

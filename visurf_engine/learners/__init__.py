@@ -17,7 +17,7 @@ from pathlib import Path
 from visurf_kernels import LossSpec
 
 from ..config import Config
-from ..models.hf import ImageOnlyProcessor, load_pretrained
+from ..models.hf import ImageOnlyProcessor, load_model
 from ..models.policy import Policy
 from ..models.precision import Precision
 from ..parallel.world import World
@@ -48,7 +48,7 @@ def build_learner(cfg: Config, path: str | Path, processor: ImageOnlyProcessor, 
 
         return MegatronLearner.load(path, processor, precision, spec, dp, cfg.parallel,
                                     activation_checkpointing=t.activation_checkpointing, **optim)  # fmt: skip
-    model, _ = load_pretrained(path, dtype=precision.master, device=dp.device)
+    model = load_model(path, dtype=precision.master, device=dp.device)
     return HFLearner(Policy(model, processor, dp.device, precision), spec, dp,
                      activation_checkpointing=t.activation_checkpointing, **optim)  # fmt: skip
 

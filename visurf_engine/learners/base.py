@@ -108,6 +108,12 @@ class Learner(ABC):
     shares_module: bool = True  # policy.model holds the current weights and can generate (rollout.hf, shared)
     stable_export: bool = True  # export_weights yields tensors whose storage never moves (the weights themselves)
 
+    @property
+    def run_world(self) -> World:
+        """Every rank this learner's model lives on (they agree on skipping a step): the
+        data-parallel world here; a model-parallel learner's whole world."""
+        return self.dp
+
     @abstractmethod
     def forward_backward(self, micro: Sequence[MicroBatch]) -> list[LossStats]:
         """Loss and backward of every micro-batch; gradients accumulate and are reduced."""
@@ -133,10 +139,10 @@ class Learner(ABC):
 
         The ranks agree: ``|g|`` is computed from gradients already reduced over data
         parallel (and its squares over model parallel), so it is identical everywhere, but a
-        loss is rank-local, so the skip flag is MAX-reduced over the world (one scalar).
+        loss is rank-local, so the skip flag is MAX-reduced over ``run_world`` (one scalar).
         """
         norm = self.clip_grads(grad_clip)
-        skip = any_rank(not (loss_finite and math.isfinite(norm)))
+        skip = any_rank(not (loss_finite and math.isfinite(norm)), self.run_world)
         if not skip:
             self.optimizer.step()
         self.zero_grads()

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from visurf_kernels import LossSpec
 
-from ..models.hf import load_pretrained
+from ..models.hf import load_model
 from ..models.policy import Batching, Policy, Prompts
 from ..models.precision import Precision
 from ..parallel.world import World
@@ -29,7 +29,7 @@ class Reference:
     def load(cls, path: str | Path, policy: Policy, spec: LossSpec) -> Reference:
         """A whole replica of the checkpoint at ``path`` on the policy's device, in its compute dtype."""
         dtype = policy.precision.compute
-        model, _ = load_pretrained(path, dtype=dtype, device=policy.device)
+        model = load_model(path, dtype=dtype, device=policy.device)
         model.eval().requires_grad_(False)
         return cls(PolicyForward(model, Precision(dtype, dtype), spec), policy)
 

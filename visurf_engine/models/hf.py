@@ -70,14 +70,17 @@ def load_processor(path: str | Path, image_processor: str = "native") -> ImageOn
                               chat_template=tokenizer.chat_template)  # fmt: skip
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    image_processor: str = "native"):  # fmt: skip
-    """``(model, processor)`` from a local checkpoint directory; clear errors if it is not one.
-
-    The weights are read in ``dtype`` straight onto ``device`` (tensor by tensor on CUDA: no
-    full host copy first). ``image_processor``: native (``csrc/``, HF's when not built) | hf."""
-    path = Path(path)
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """The model of a local checkpoint directory, its weights read in ``dtype`` straight onto
+    ``device`` (tensor by tensor on CUDA: no full host copy first), with ``models.attention``'s
+    implementation; clear errors if it is not a supported checkpoint."""
     cls = model_class(path)
     placement = {"device_map": {"": torch.device(device)}} if torch.device(device).type != "cpu" else {}
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attention.NAME, **placement)
-    return model, load_processor(path, image_processor)
+    return cls.from_pretrained(Path(path), dtype=dtype, attn_implementation=attention.NAME, **placement)
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    image_processor: str = "native"):  # fmt: skip
+    """``(model, processor)`` of a local checkpoint directory (``load_model``, ``load_processor``);
+    ``image_processor``: native (``csrc/``, HF's when not built) | hf."""
+    return load_model(path, dtype=dtype, device=device), load_processor(path, image_processor)

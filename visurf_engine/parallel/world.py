@@ -119,12 +119,11 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return all_reduce(tensor, world.group) if world.size > 1 else tensor
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` holds on any rank of the whole run (the default process group): one
-    MAX all-reduce of a host scalar."""
-    if not _live(None):
+def any_rank(flag: bool, world: World) -> bool:
+    """Whether ``flag`` holds on any rank of ``world`` (its group): one MAX all-reduce of a host scalar."""
+    if world.size == 1:
         return flag
-    return bool(all_reduce(torch.tensor([float(flag)]), op=dist.ReduceOp.MAX).item())
+    return bool(all_reduce(torch.tensor([float(flag)]), world.group, op=dist.ReduceOp.MAX).item())
 
 
 def all_gather_objects(obj: Any, world: World) -> list[Any]:

@@ -29,7 +29,7 @@ from typing import Iterable
 
 import torch
 
-from ..models.hf import load_pretrained
+from ..models.hf import load_model
 from ..models.weights import TensorSpec, checkpoint_name, module_specs
 from .weight_sync import SyncPlan
 
@@ -64,7 +64,7 @@ class Replica:
         """The replica of ``learner``'s policy (module docstring)."""
         if learner.shares_module:
             return cls.copy_of(learner.policy.model, dtype, capture=learner.stable_export)
-        model, _ = load_pretrained(path, dtype=dtype, device=learner.policy.device)
+        model = load_model(path, dtype=dtype, device=learner.policy.device)
         return cls(model, learner.weight_specs(), capture=learner.stable_export)
 
     @torch.no_grad()

@@ -48,7 +48,7 @@ from visurf_kernels import LossSpec, fused_policy_loss
 
 from ...config import ParallelConfig
 from ...durable import durable
-from ...models.hf import ImageOnlyProcessor, load_pretrained
+from ...models.hf import ImageOnlyProcessor, load_model
 from ...models.policy import Batching, Policy, Prompts
 from ...models.precision import Precision
 from ...parallel.megatron import broadcast_from_model_parallel_source
@@ -89,7 +89,7 @@ class MegatronLearner(Learner):
         if activation_checkpointing:
             raise NotImplementedError("train.activation_checkpointing with model.backend=megatron: not wired to "
                                       "megatron's recompute options yet; use model.backend=fsdp or hf")  # fmt: skip
-        model, _ = load_pretrained(path, dtype=precision.master, device=dp.device)
+        model = load_model(path, dtype=precision.master, device=dp.device)
         layout = Layout.from_hf_config(model.config, parallel.tp, parallel.pp)
         return cls(Policy(model, processor, dp.device, precision), layout, spec, dp, **optim)
 
@@ -131,6 +131,10 @@ class MegatronLearner(Learner):
             if self.layout.pp > 1:
                 broadcast(target.detach(), pp_ranks[owner], pp_group)
             yield name, target
+
+    @property
+    def run_world(self) -> World:
+        return World(rank=dist.get_rank(), size=dist.get_world_size(), device=self.dp.device)
 
     def share(self, obj: Any) -> Any:
         return broadcast_from_model_parallel_source(obj)
