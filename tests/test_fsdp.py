@@ -7,30 +7,14 @@ gradients), so: losses within 1e-5 relative, grad norms 1e-5, weights within 1e-
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine_testing.learners import STEPS, build, save_tiny, train, worker
+from engine_testing.learners import STEPS, build, free_port, save_tiny, spawn, train
 from visurf_engine.parallel.world import World
 
 WEIGHT_ATOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(tmp_path, backend: str, path, activation_checkpointing: bool = False, world: int = 2) -> list[dict]:
-    out = tmp_path / f"{backend}-{activation_checkpointing}"
-    out.mkdir()
-    mp.start_processes(worker, args=(world, _free_port(), str(out), backend, str(path), activation_checkpointing),
-                       nprocs=world, start_method="spawn")  # fmt: skip
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -54,12 +38,12 @@ def _agree(ranks: list[dict], ref: dict) -> None:
 @pytest.mark.parametrize("backend", ["fsdp", "hf"])
 def test_two_ranks_train_as_one_process(tiny, backend, tmp_path):
     path, ref = tiny
-    _agree(_spawn(tmp_path, backend, path), ref)
+    _agree(spawn(tmp_path, backend, path), ref)
 
 
 def test_activation_checkpointing_changes_no_gradient(tiny, tmp_path):
     path, ref = tiny
-    _agree(_spawn(tmp_path, "fsdp", path, activation_checkpointing=True), ref)
+    _agree(spawn(tmp_path, "fsdp", path, activation_checkpointing=True), ref)
     _agree([train(build("hf", path, World(), activation_checkpointing=True), World())], ref)
 
 
@@ -75,7 +59,7 @@ def test_fsdp_shards_sync_into_a_replica_one_tensor_at_a_time_and_export_as_the_
     from visurf_engine.models.policy import Policy
 
     path, ref = tiny
-    mp.start_processes(sync_worker, args=(2, _free_port(), str(tmp_path), str(path)), nprocs=2, start_method="spawn")
+    mp.start_processes(sync_worker, args=(2, free_port(), str(tmp_path), str(path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"sync{r}.pt") for r in range(2)]
     prompts, completions = scoring_inputs()
     for r in ranks:

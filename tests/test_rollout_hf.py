@@ -123,3 +123,30 @@ def test_static_cache_graph_decode_matches_eager_on_cuda():
                       replica=Replica.copy_of(policy.model, torch.float32))  # fmt: skip
     assert graph.cache_implementation == "static"
     assert graph.greedy(prompts) == eager.greedy(prompts)
+
+
+def test_static_cache_length_is_bucketed_and_only_grows():
+    """The replica's static KV cache is sized in buckets of 256 tokens and never shrinks, so the
+    compiled decode step (specialised on the cache length) is rebuilt only when a longer bucket
+    is first needed, not every step as prompt widths vary."""
+    from visurf_engine.models.policy import STATIC_CACHE_BUCKET, static_cache_length
+
+    assert STATIC_CACHE_BUCKET == 256
+    assert [static_cache_length(n) for n in (1, 200, 256, 257, 700)] == [256, 256, 256, 512, 768]
+    assert static_cache_length(100, previous=512) == 512
+    policy = tiny_policy()
+    prompts = prompts_of(policy)
+    rollout = HFRollout(policy, RolloutConfig(max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET,
+                                              hf=HFRolloutConfig(replica=True, dtype="float32", static_cache=True)),
+                        replica=Replica.copy_of(policy.model, torch.float32))  # fmt: skip
+    lengths = []
+    for width in (1, 3):  # prompt sets of different widths, then a longer budget
+        rollout.greedy(type(prompts)(*(getattr(prompts, f)[:width] for f in prompts.__dataclass_fields__)))
+        lengths.append(rollout.generator._cache_length)
+    rollout.cfg.eval_max_new_tokens = 300
+    rollout.greedy(prompts)
+    lengths.append(rollout.generator._cache_length)
+    rollout.cfg.eval_max_new_tokens = BUDGET
+    rollout.greedy(prompts)
+    lengths.append(rollout.generator._cache_length)
+    assert lengths == [256, 256, 512, 512]

@@ -33,20 +33,41 @@ def step_batches(model, step: int):
     return random_micro_batches(model, seed=100 + step, micro=MICRO, rows=3, batching=PACKED)
 
 
-def build(backend: str, path: Path, world: World, activation_checkpointing: bool = False):
-    """The learner of ``backend`` over the checkpoint at ``path`` (float32, the tests' optimizer)."""
+def build(backend: str, path: Path, world: World, activation_checkpointing: bool = False, compute: str = "float32"):
+    """The learner of ``backend`` over the checkpoint at ``path`` (float32 master weights, the
+    forward in ``compute``, the tests' optimizer)."""
     processor = tiny_policy(tiny_vl_model()).processor
+    precision = Precision.of("float32", compute, world.device)
     if backend == "fsdp":
         from visurf_engine.learners.fsdp import FSDPLearner
 
-        return FSDPLearner.load(path, processor, Precision(), SPEC, world, FSDPConfig(),
+        return FSDPLearner.load(path, processor, precision, SPEC, world, FSDPConfig(),
                                 activation_checkpointing=activation_checkpointing, **OPTIM)  # fmt: skip
     from visurf_engine.learners.hf import HFLearner
     from visurf_engine.models.hf import load_model
     from visurf_engine.models.policy import Policy
 
     model = load_model(path)
-    return HFLearner(Policy(model, processor), SPEC, world, activation_checkpointing=activation_checkpointing, **OPTIM)
+    return HFLearner(Policy(model, processor, precision=precision), SPEC, world,
+                     activation_checkpointing=activation_checkpointing, **OPTIM)  # fmt: skip
+
+
+def loss_input_dtypes(monkeypatch=None) -> list:
+    """Records the dtypes of ``hidden`` and the LM head weight every fused loss call of the
+    learners receives (``learners.forward``); a ``monkeypatch`` undoes it, else it stays."""
+    from visurf_engine.learners import forward
+
+    seen, real = [], forward.fused_policy_loss
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *args, **kwargs)
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(forward, "fused_policy_loss", spy)
+    else:
+        forward.fused_policy_loss = spy
+    return seen
 
 
 def train(learner, world: World) -> dict:
@@ -62,14 +83,18 @@ def train(learner, world: World) -> dict:
     return {"losses": losses, "norms": norms, "weights": weights}
 
 
-def worker(rank: int, world_size: int, port: int, out: str, backend: str, path: str, activation_checkpointing: bool) -> None:
-    """One gloo rank of a ``backend`` run; saves ``train``'s record as ``out/rank{rank}.pt``."""
+def worker(rank: int, world_size: int, port: int, out: str, backend: str, path: str, activation_checkpointing: bool,
+           compute: str = "float32") -> None:  # fmt: skip
+    """One gloo rank of a ``backend`` run; saves ``train``'s record (with the dtypes the fused
+    loss received, ``loss_dtypes``) as ``out/rank{rank}.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     world = World(rank=rank, size=world_size)
-    learner = build(backend, Path(path), world, activation_checkpointing)
-    torch.save(train(learner, world), Path(out) / f"rank{rank}.pt")
+    seen = loss_input_dtypes()
+    learner = build(backend, Path(path), world, activation_checkpointing, compute)
+    record = train(learner, world) | {"loss_dtypes": seen, "master": {p.dtype for p in learner.policy.model.parameters()}}
+    torch.save(record, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -132,3 +157,23 @@ def sync_worker(rank: int, world_size: int, port: int, out: str, path: str) -> N
                 "total": stream.total},
                Path(out) / f"sync{rank}.pt")  # fmt: skip
     dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(out: Path, backend: str, path: Path, activation_checkpointing: bool = False, world: int = 2,
+          compute: str = "float32") -> list[dict]:  # fmt: skip
+    """``worker`` on ``world`` gloo ranks; their records, in rank order."""
+    import torch.multiprocessing as mp
+
+    out = out / f"{backend}-{activation_checkpointing}-{compute}"
+    out.mkdir(parents=True)
+    mp.start_processes(worker, args=(world, free_port(), str(out), backend, str(path), activation_checkpointing, compute),
+                       nprocs=world, start_method="spawn")  # fmt: skip
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]

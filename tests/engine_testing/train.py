@@ -1,7 +1,10 @@
-"""``python -m engine_testing.train [--kill=STEP:WHERE] key=value ...``: a training run
-(``visurf_engine.train.main``, with the test rewards and paradigms registered) that SIGKILLs itself, as the
-OOM killer would, inside the checkpoint write of step STEP (``tests/test_crash_safety.py``);
-without ``--kill`` a plain run. WHERE:
+"""``python -m engine_testing.train [--kill=STEP:WHERE] [--backend-config=CONFIG] key=value ...``: a
+training run (``visurf_engine.train.main``, with the test rewards and paradigms registered) that
+SIGKILLs itself, as the OOM killer would, inside the checkpoint write of step STEP
+(``tests/test_crash_safety.py``); without ``--kill`` a plain run. ``--backend-config``: the
+collectives' device check (``parallel.world.check_device``) sees the process group as if it
+had this backend config (e.g. ``cuda:nccl``, a plain NCCL group), whatever it really runs on
+(gloo), so a CPU run shows what a GPU run's collectives would meet (``tests/test_world.py``). WHERE:
 
 - ``files``: after the weights, optimizer and state are written, before the RNG file (an
   incomplete ``step_N.tmp`` is left behind);
@@ -33,6 +36,11 @@ def killing(original, when):
 if __name__ == "__main__":
     register_fault_paradigms()
     overrides = sys.argv[1:]
+    if overrides and overrides[0].startswith("--backend-config="):
+        from visurf_engine.parallel import world
+
+        config = overrides.pop(0).removeprefix("--backend-config=")
+        world.served_devices = lambda group=None: world.served_by(config)
     if overrides and overrides[0].startswith("--kill="):
         step, where = overrides.pop(0).removeprefix("--kill=").split(":")
         name = f"step_{int(step):06d}"

@@ -61,10 +61,15 @@ def init_world() -> World:
     return World(rank=dist.get_rank() if size > 1 else 0, size=size, local_rank=local_rank, device=device)
 
 
+def served_by(backend_config: str) -> set[str]:
+    """The device types a backend config reduces tensors on: ``"cpu:gloo,cuda:nccl"`` -> {cpu,
+    cuda}; ``"cuda:nccl"`` (what a plain ``"nccl"`` group is) -> {cuda}."""
+    return {entry.split(":")[0] for entry in backend_config.split(",")}
+
+
 def served_devices(group=None) -> set[str]:
-    """The device types the backend(s) of ``group`` (None: the default group) reduce tensors on,
-    from its backend config: ``"cpu:gloo,cuda:nccl"`` -> {cpu, cuda}, ``"cuda:nccl"`` -> {cuda}."""
-    return {entry.split(":")[0] for entry in dist.get_backend_config(group).split(",")}
+    """``served_by`` the backend config of ``group`` (None: the default group)."""
+    return served_by(dist.get_backend_config(group))
 
 
 def check_device(tensor: torch.Tensor, group=None) -> None:
