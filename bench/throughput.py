@@ -372,7 +372,7 @@ def main(argv=None) -> int:
         print_paradigms(payload["paradigms"])
     elif args.mode == "peer" and "engine" in summary and len(summary) > 1:
         payload["peer"] = peer_summary(summary)
-        print_peer(payload["peer"], skipped)
+        print_peer(payload["peer"])
     elif args.mode == "sweep":
         payload["sweeps"] = sweep_summary(args.sweep, summary, out.path.with_suffix(""), f"{device_name()}; {model_note}")
         print_sweeps(payload["sweeps"], out.path.parent)

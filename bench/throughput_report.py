@@ -214,7 +214,7 @@ def print_paradigms(ps: dict[str, Any]) -> None:
                   f"{x['sft_over_rlvr_step']:.2f} RLVR steps, the paper's 1.38 implies {x['paper_sft_over_rlvr_step_two_stage']:.2f}")  # fmt: skip
 
 
-def print_peer(pr: dict[str, Any], skipped: dict[str, str]) -> None:
+def print_peer(pr: dict[str, Any]) -> None:
     """The peers' ratios to the engine (``peer_summary``)."""
     print("\nside by side (plain GRPO both; ratios > 1: the engine is faster)")
     for name, x in pr.items():
