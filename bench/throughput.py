@@ -21,8 +21,8 @@ What is measured, and how:
   included; ``tokens/prompt``: the prompt tokens in front of each trained sequence).
 - **Reported per point**: each phase's median and p25-p75 over the measured steps and its
   share of the step; generated and trained tokens per second and samples (trained sequences)
-  and prompts per second, as totals over the measured steps' total time (and the rollout
-  phase's own decode rate); the peak memory; on CUDA an MFU estimate: model FLOPs over step
+  per second, as totals over the measured steps' total time (and the rollout phase's own
+  decode rate); the peak memory; on CUDA an MFU estimate: model FLOPs over step
   time and the device's bf16 peak, where model FLOPs = 6 N x (prompt + completion tokens of
   every trained sequence) + 2 N x (generated tokens + the prompt tokens each sampled sequence
   prefills), N = the language model's parameters without the input embedding (a lookup) and
