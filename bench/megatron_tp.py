@@ -66,11 +66,11 @@ def to_device(obj, device: torch.device):
 def rank_main(rank: int, world: int, port: int, out: str, device_type: str) -> None:
     """One rank: the tiny model's TP shard on its device, one step on the random micro-batches;
     saves (on CPU) the losses, local grads (megatron names), grad norm and exported HF weights."""
-    from engine_testing.megatron import MAX_NORM, OPTIM, SPEC, random_micro_batches, tiny_vl_model
+    from engine_testing.megatron import MAX_NORM, OPTIM, SPEC, random_micro_batches, tiny_policy, tiny_vl_model
 
     from visurf_engine.learners.megatron.convert import Layout
     from visurf_engine.learners.megatron.learner import MegatronLearner
-    from visurf_engine.parallel.data_parallel import World
+    from visurf_engine.parallel.world import World, backend_for
     from visurf_engine.parallel.megatron import init_megatron
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -80,12 +80,12 @@ def rank_main(rank: int, world: int, port: int, out: str, device_type: str) -> N
     if cuda:
         torch.cuda.set_device(device)
         full_fp32()
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world)
     dp = init_megatron(World(rank=rank, size=world, local_rank=rank, device=device), world, 1, seed=0)
     model = tiny_vl_model()
     micro = to_device(random_micro_batches(model), device)  # built on CPU (mRoPE positions), as the tests do
     model.to(device)
-    learner = MegatronLearner(model, Layout.from_hf_config(model.config, world, 1), SPEC, dp, **OPTIM)
+    learner = MegatronLearner(tiny_policy(model), Layout.from_hf_config(model.config, world, 1), SPEC, dp, **OPTIM)
     results = learner.forward_backward(micro)
     grads = {k: p.main_grad.detach().to("cpu", copy=True) for k, p in learner.module.named_parameters()}  # step() zeroes them
     norm = learner.step(MAX_NORM).grad_norm

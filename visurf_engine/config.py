@@ -155,6 +155,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    memory_check: bool = True  # CUDA: refuse a config whose memory plan (visurf_engine.plan) exceeds the GPU, naming what would fit
     max_skipped_steps: int = 5  # consecutive optimizer steps skipped for a non-finite loss / grad norm before the run stops
     seed: int = 0
     output_dir: str = "runs/default"

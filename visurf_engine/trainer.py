@@ -13,7 +13,8 @@ one model-parallel replica train on the same members (``learner.share``). The mo
 post-train must exist (``tasks.prepare_base_model``): building a trainer never trains. With
 ``algo.kl_coef > 0`` a frozen copy of that model is the KL penalty's reference
 (``learners.build_reference``); its per-token log-probs of the members come from one no-grad
-fused pass a step. Every rank runs the learner's passes on the same number of micro-batches
+fused pass a step. On CUDA the run's memory plan is checked first (``plan.check_memory``:
+``train.memory_check``). Every rank runs the learner's passes on the same number of micro-batches
 (``learners.lockstep_split``); evaluation rows are shared out over the ranks.
 
 Non-finite guard: an optimizer step whose loss or grad norm is non-finite is skipped on every
@@ -53,6 +54,7 @@ from .models.hf import load_processor
 from .models.policy import Batching, Policy, Prompts
 from .models.precision import Precision
 from .parallel.world import World, all_reduce_sum
+from .plan import check_memory
 from .rewards import get_reward, score_batch
 from .rng import seed_everything
 from .rollout import build_rollout
@@ -78,6 +80,8 @@ class Trainer:
         seed_everything(t.seed + self.dp.rank)
         self.spec = get_reward(cfg.data.reward)
         self.data = load_task(cfg, self.spec)
+        if world.device.type == "cuda" and t.memory_check:
+            self.plan = check_memory(cfg, path, self.dp.size, world.device)
         precision = Precision.of(cfg.model.dtype, cfg.model.compute_dtype, world.device)
         self.loss_spec = cfg.loss_spec()
         processor = load_processor(path, cfg.model.image_processor)

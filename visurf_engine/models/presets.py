@@ -40,18 +40,22 @@ SHAPES = {
 }  # fmt: skip
 
 
-def real_shape_config(name: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    """The ``name`` architecture (``SHAPES``) with ``tokenizer``'s special-token ids."""
+def real_shape_config(name: str, tokenizer: PreTrainedTokenizerFast, *, layers: int | None = None,
+                      blocks: int | None = None) -> Qwen2_5_VLConfig:  # fmt: skip
+    """The ``name`` architecture (``SHAPES``) with ``tokenizer``'s special-token ids; ``layers`` /
+    ``blocks``: that many decoder layers / vision blocks instead (the widths stay; the last
+    block keeps full attention)."""
     if name not in SHAPES:
         raise ValueError(f"unknown real-shape preset {name!r}; choose one of {sorted(SHAPES)}")
     shape = SHAPES[name]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = shape["text"] | dict(rope_parameters=_ROPE, rms_norm_eps=1e-6, tie_word_embeddings=shape["tie_word_embeddings"],
+    vision = _VISION if blocks is None else _VISION | dict(depth=blocks, fullatt_block_indexes=[blocks - 1])
+    text = shape["text"] | ({} if layers is None else {"num_hidden_layers": layers}) | dict(rope_parameters=_ROPE, rms_norm_eps=1e-6, tie_word_embeddings=shape["tie_word_embeddings"],
                                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                                 pad_token_id=ids["<|endoftext|>"])  # fmt: skip
     return Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=_VISION | {"out_hidden_size": shape["text"]["hidden_size"]},
+        vision_config=vision | {"out_hidden_size": shape["text"]["hidden_size"]},
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -62,14 +66,16 @@ def real_shape_config(name: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_
 
 def save_random_checkpoint(name: str, path: str | Path, tokenizer: PreTrainedTokenizerFast, *, pixels: int,
                            dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                           seed: int = 0) -> Path:  # fmt: skip
+                           seed: int = 0, layers: int | None = None, blocks: int | None = None) -> Path:  # fmt: skip
     """Write a random-init Qwen2.5-VL of architecture ``name`` (``tiny`` or a key of ``SHAPES``)
     to ``path``: weights in ``dtype`` (``save_pretrained``), ``tokenizer`` and an image
     processor that takes every image to ``pixels`` pixels (min = max). The weights are
-    initialised on ``device`` (a GPU makes a 3B model in seconds) with ``seed``."""
+    initialised on ``device`` (a GPU makes a 3B model in seconds) with ``seed``. ``layers`` /
+    ``blocks``: that many decoder layers / vision blocks (the real widths, fewer of them; the
+    last block keeps full attention)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    config = tiny_config(tokenizer) if name == "tiny" else real_shape_config(name, tokenizer)
+    config = tiny_config(tokenizer) if name == "tiny" else real_shape_config(name, tokenizer, layers=layers, blocks=blocks)
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attention.NAME, dtype=dtype)

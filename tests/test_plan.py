@@ -1,0 +1,57 @@
+"""The memory plan (``visurf_engine.plan``): exact parameter counts, the components' arithmetic on
+hand-computed cases, and a refusal that names the fix. How close it comes to measured peaks is
+``bench/memory.py``'s job (results in ``bench/results/memory-*.json``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_testing.megatron import tiny_vl_config, tiny_vl_model
+from visurf_engine.config import load_config
+from visurf_engine.models.presets import real_shape_config
+from visurf_engine.models.tiny import train_tokenizer
+from visurf_engine.plan import GIB, DoesNotFit, Shape, Workload, activation_bytes, check, main, plan
+
+TOKENIZER = train_tokenizer(["plan the memory"])
+
+
+def test_shape_counts_the_parameters_exactly():
+    for tied in (False, True):
+        model, shape = tiny_vl_model(tied=tied), Shape.of(tiny_vl_config(tied=tied))
+        assert shape.params == sum(p.numel() for p in model.parameters()) and shape.tied == tied
+        layers, blocks = model.model.language_model.layers, model.model.visual.blocks
+        assert shape.layer_params == sum(p.numel() for p in layers[0].parameters())
+        assert shape.root_params + shape.layers * shape.layer_params + shape.vis_depth * shape.block_params == shape.params
+    seven = Shape.of(real_shape_config("qwen2.5-vl-7b", TOKENIZER))
+    assert seven.params == 8_292_166_656 and not seven.tied and seven.layers == 28  # Qwen2.5-VL-7B: 8.29 B
+
+
+def test_components_on_a_hand_computed_case():
+    shape = Shape.of(tiny_vl_config())
+    work = Workload(tokens=1000, patches=64, completion_tokens=300, sequences=10)
+    hf = plan(load_config(None, ["algo.kl_coef=0"]), shape, gpus=4, device="cpu", work=work)
+    n = shape.params
+    assert (hf.components["weights"], hf.components["gradients"], hf.components["optimizer"]) == (4 * n, 4 * n, 8 * n)
+    fsdp = plan(load_config(None, ["model.backend=fsdp", "algo.kl_coef=0.1"]), shape, gpus=4, device="cpu", work=work)
+    assert fsdp.components["optimizer"] == 8 * n // 4 and fsdp.components["reference"] == 4 * n // 4
+    text = 4 * (9 * 64 + 4 * 96 + 3 * 2 * 16)  # fp32: every saved tensor 4 bytes (hidden 64, MLP 96, 2 KV heads of 16)
+    vision = 4 * (13.125 * 32 + 4 * 48)
+    outside = 4 * 2 * 64 * 1000 + 4 * (3 * 2 * 14 * 14 + 5 * 32) * 64
+    assert activation_bytes(shape, work, 4, False) == int(4 * text * 1000 + 2 * vision * 64 + outside)
+    assert activation_bytes(shape, work, 4, True) < activation_bytes(shape, work, 4, False)
+    assert hf.peak == 16 * n + max(hf.components["loss"] + hf.components["activations"], hf.components["optimizer step"])
+
+
+def test_the_7b_recipe_does_not_fit_8_x_80_gb_on_hf_and_the_refusal_names_the_fix():
+    shape = Shape.of(real_shape_config("qwen2.5-vl-7b", TOKENIZER))
+    cfg = load_config("configs/qwen2_5_vl_7b_grounding.yaml", ["model.backend=hf", "train.activation_checkpointing=false"])
+    with pytest.raises(DoesNotFit, match=r"needs \d+\.\d GiB per GPU, the GPU has 80\.0 GiB.*it fits with: model\.backend=fsdp"):
+        check(cfg, shape, gpus=8, gpu_gib=80)
+    assert plan(load_config("configs/qwen2_5_vl_7b_grounding.yaml"), shape, gpus=8, gpu_gib=80).headroom > 0
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["model.preset=qwen2.5-vl-3b", "model.backend=fsdp", "--gpus", "8", "--gpu-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "fsdp on 8 x 80 GiB, 3.75 B parameters" in out and "headroom" in out and "activations" in out
