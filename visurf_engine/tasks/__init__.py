@@ -90,7 +90,7 @@ def prepare_base_model(cfg: Config, world: World = World(), *, progress: bool = 
         if shipped is not None:
             built = shipped_manifest()["built_with"]
             log.info("base model: the one shipped with the package, %s (built %s on %s, %s torch thread(s))",
-                     shipped, built["date"], built["device"], built["threads"]["torch"])  # fmt: skip
+                     shipped, built["date"], built["cpu"], built["threads"]["torch"])  # fmt: skip
         else:
             log.info("base model: %s %s, not the shipped one (%s)", "cached at" if cached_base_model(cfg) else
                      "warm-starting it (a few minutes) into", base_model_dir(cfg), not_shipped_reason(cfg))  # fmt: skip
