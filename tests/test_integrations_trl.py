@@ -21,7 +21,7 @@ trl = require("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from visurf_engine.algo.gold import control_gold_rewards  # noqa: E402
-from visurf_engine.algo.paradigms import GroupRewards, visurf_advantages  # noqa: E402
+from visurf_engine.algo.paradigms import GroupRewards, mixed_group_advantages  # noqa: E402
 from visurf_engine.integrations.trl import ViSurfGRPOTrainer, ViSurfOptions  # noqa: E402
 from visurf_engine.rewards import get_reward  # noqa: E402
 
@@ -74,7 +74,7 @@ def check_gold(trainer, expected_think_index: int | None):
     raw, w = trainer.raw_rewards.view(-1, M, trainer.raw_rewards.shape[1]), trainer.reward_weights
     rollout = raw[:, :-1] @ w
     r_star, smoothed = control_gold_rewards(raw[:, -1], rollout, w, expected_think_index, eliminate=True, smooth=True)
-    adv_rollout, adv_gold = visurf_advantages(GroupRewards(len(r_star), rollout, r_star, smoothed), norm_by_std=True, eps=1e-4)
+    adv_rollout, adv_gold = mixed_group_advantages(GroupRewards(len(r_star), rollout, r_star, smoothed), norm_by_std=True, eps=1e-4)
     ours = torch.cat([adv_rollout, adv_gold[:, None]], dim=1).flatten()
     torch.testing.assert_close(b["advantages"], ours, rtol=1e-5, atol=1e-5)  # float32 mean / std of <= 4 values
     assert torch.equal(b["advantages"][gold][smoothed], torch.zeros(int(smoothed.sum())))

@@ -165,6 +165,12 @@ class Plan:
         return base + max(sum(self.components[c] for c in parts) for parts in self.working.values())
 
     @property
+    def learner_peak(self) -> int:
+        """The peak without the rollout engine (what the learner alone reaches: ``bench/memory.py``)."""
+        base = sum(self.components[c] for c in self.persistent if c != "rollout engine")
+        return base + max(sum(self.components[c] for c in self.working[k]) for k in ("update", "optimizer step"))
+
+    @property
     def headroom(self) -> int | None:
         return None if self.gpu_bytes is None else self.gpu_bytes - self.peak
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from visurf_kernels import LossSpec
+from visurf_kernels import OBJECTIVES, LossSpec
 
 from ...algo.members import build_members
 from ...config import Config
@@ -195,7 +195,7 @@ def save_base_model(cfg: Config, out: Path, *, progress: bool = True) -> float:
         batch += [probes[i] for i in torch.randint(len(probes), (n_probe,), generator=gen).tolist()]
         prompts = policy.encode([r.problem for r, _ in batch], [r.image for r, _ in batch])
         members = build_members(None, None, [policy.encode_text(t) for _, t in batch], torch.ones(len(batch)),
-                                gold_logprob_loss=True)  # fmt: skip
+                                gold_objective=OBJECTIVES.index("logprob"))  # fmt: skip
         weights = torch.full((len(members),), 1.0 / int(members.lengths.sum()))
         learner.set_lr(ws.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / ws.steps)))
         [(loss, _)] = learner.forward_backward([make_micro_batch(policy, prompts, members, weights, WARMSTART_BATCHING)])
