@@ -71,6 +71,8 @@ CASES = {
     "3b-fsdp-1-gpu": Case("qwen2.5-vl-3b", "fsdp", 1, "float32", False, device="cuda"),
     "3b-fsdp-1-ac-gpu": Case("qwen2.5-vl-3b", "fsdp", 1, "float32", True, device="cuda"),
     "7b-fsdp-1-offload-gpu": Case("qwen2.5-vl-7b", "fsdp", 1, "float32", True, device="cuda", offload=True, layers=14),
+    # the smoke case of bench/gpu.sh --dry-run (the tiny preset: seconds)
+    "tiny-hf-1": Case("tiny", "hf", 1, "float32", False),
 }
 
 
@@ -190,6 +192,8 @@ def run_case(name: str, args, tmp: Path) -> dict:
     case = CASES[name]
     gpu = case.device == "cuda"
     layers, blocks = (case.layers, None) if gpu else (case.layers or args.layers, args.blocks)
+    if case.preset == "tiny":
+        layers = blocks = None
     dtype = "bfloat16" if gpu else case.dtype  # the checkpoint's dtype (a real one's)
     path = tmp / f"{case.preset}-{dtype}-{layers}-{blocks}"
     if not path.exists():
