@@ -82,7 +82,9 @@ def test_replica_rollouts_follow_the_trainer_through_the_sync(static_cache):
     torch.manual_seed(7)
     sampled = rollout.sample(prompts, 2)
     torch.manual_seed(7)
-    assert sampled.tokens == shared.sample(prompts, 2).tokens and sampled.logprobs is None
+    other = shared.sample(prompts, 2)
+    assert sampled.tokens == other.tokens
+    assert all(torch.equal(a, b) for ga, gb in zip(sampled.logprobs, other.logprobs) for a, b in zip(ga, gb))  # the loop's
     before = rollout.greedy(prompts)
     adamw_step(policy.model)
     assert rollout.greedy(prompts) == before and shared.greedy(prompts) != before  # the replica waits for the sync
@@ -129,7 +131,7 @@ def test_static_cache_length_is_bucketed_and_only_grows():
     """The replica's static KV cache is sized in buckets of 256 tokens and never shrinks, so the
     compiled decode step (specialised on the cache length) is rebuilt only when a longer bucket
     is first needed, not every step as prompt widths vary."""
-    from visurf_engine.models.policy import STATIC_CACHE_BUCKET, static_cache_length
+    from visurf_engine.models.decode import STATIC_CACHE_BUCKET, static_cache_length
 
     assert STATIC_CACHE_BUCKET == 256
     assert [static_cache_length(n) for n in (1, 200, 256, 257, 700)] == [256, 256, 256, 512, 768]
@@ -137,7 +139,7 @@ def test_static_cache_length_is_bucketed_and_only_grows():
     policy = tiny_policy()
     prompts = prompts_of(policy)
     rollout = HFRollout(policy, RolloutConfig(max_new_tokens=BUDGET, eval_max_new_tokens=BUDGET,
-                                              hf=HFRolloutConfig(replica=True, dtype="float32", static_cache=True)),
+                                              hf=HFRolloutConfig(replica=True, dtype="float32", static_cache=True, decode="generate")),
                         replica=Replica.copy_of(policy.model, torch.float32))  # fmt: skip
     lengths = []
     for width in (1, 3):  # prompt sets of different widths, then a longer budget

@@ -145,7 +145,7 @@ def test_greedy_is_deterministic_and_matches_hf(setup):
     policy, prompts, rollout = setup
     greedy = rollout.greedy(prompts)
     assert rollout.greedy(prompts) == greedy
-    assert greedy == policy.generate(prompts, range(len(prompts)), max_new_tokens=BUDGET, do_sample=False)
+    assert greedy == policy.generate(prompts, range(len(prompts)), max_new_tokens=BUDGET, do_sample=False)[0]
 
 
 def test_fixed_completion_scores_match_hf(setup):

@@ -87,6 +87,7 @@ class HFRolloutConfig:
     replica: bool | None = None  # generate with a separate inference copy fed by the weight sync; false: the training module; null: a replica only where the learner has no whole module (fsdp)
     dtype: str = "bfloat16"  # replica dtype: float32 | bfloat16
     static_cache: bool | None = None  # replica: static KV cache + compiled (CUDA-graph) decode; null: on CUDA only
+    decode: str = "auto"  # generate (transformers') | loop (models.decode: the same decoding, none of generate's per-token overhead) | auto (loop on CPU)
 
 
 @dataclass
@@ -282,6 +283,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("model.image_processor", cfg.model.image_processor, ("native", "hf"))
     _check_choice("rollout.backend", r.backend, ("hf", "vllm"))
     _check_choice("rollout.hf.dtype", r.hf.dtype, ("float32", "bfloat16"))
+    _check_choice("rollout.hf.decode", r.hf.decode, ("auto", "generate", "loop"))
     _check_choice("rollout.vllm.dtype", r.vllm.dtype, ("auto", "float32", "bfloat16"))
     _check_choice("rollout.vllm.sleep_level", r.vllm.sleep_level, (1, 2))
     _check_choice("algo.rollout_correction", a.rollout_correction, ("none", "tis"))

@@ -23,21 +23,14 @@ from visurf_kernels import LossSpec, fused_logprobs
 from .attention import NAME as PACKED_ATTENTION
 from .collate import Batching, SequenceBatch, collate
 from .hf import ImageOnlyProcessor
+from .decode import decode, static_cache_length
 from .precision import Precision
 from .prompts import Prompts
 
-__all__ = ["Batching", "Policy", "Prompts", "SequenceBatch", "completion_hidden", "static_cache_length"]
+__all__ = ["Batching", "Policy", "Prompts", "SequenceBatch", "completion_hidden"]
 
-STATIC_CACHE_BUCKET = 256  # tokens: static KV caches are sized in multiples of this (bounded recompiles)
 # generate() takes the static cache's length (newer transformers 5.x); older ones take a StaticCache we size
 _SIZED_STATIC_CACHE = hasattr(GenerationConfig(), "max_cache_len")
-
-
-def static_cache_length(tokens: int, previous: int = 0) -> int:
-    """The static KV cache length for ``tokens`` (prompt width + generation budget): rounded up to a
-    multiple of ``STATIC_CACHE_BUCKET`` and never below ``previous``, so a compiled decode step,
-    specialised on the cache length, recompiles only when a longer bucket is first needed."""
-    return max(previous, -(-tokens // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
 
 
 def completion_hidden(model, batch: SequenceBatch) -> torch.Tensor:
@@ -118,14 +111,17 @@ class Policy:
         do_sample: bool,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        engine: str = "generate",
         cache_implementation: str | None = None,
-    ) -> list[list[int]]:
-        """One completion per entry of ``idx`` (repeat an index for G samples).
+    ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+        """One completion per entry of ``idx`` (repeat an index for G samples), and with the
+        ``loop`` engine each completion's sampling log-probs ``[T]`` (else None).
 
         Each completion ends at (and includes) the end-of-turn token, or is cut at
-        ``max_new_tokens``. ``cache_implementation``: transformers' KV cache (``"static"``: a
-        preallocated cache of ``static_cache_length`` tokens, whose decode step transformers
-        compiles on CUDA); None: its default.
+        ``max_new_tokens``. ``engine``: ``generate`` (transformers'; ``cache_implementation``
+        ``"static"``: a preallocated cache of ``static_cache_length`` tokens, whose decode step
+        transformers compiles on CUDA) or ``loop`` (``models.decode``: the same decoding without
+        generate's per-token machinery).
         """
         lens = [len(prompts.input_ids[i]) for i in idx]
         width = max(lens)
@@ -136,9 +132,42 @@ class Policy:
             ids[row, width - n :] = prompts.input_ids[i]
             mm[row, width - n :] = prompts.mm_token_type_ids[i]
             mask[row, width - n :] = 1
+        inputs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), mm_token_type_ids=mm.to(self.device),
+                      pixel_values=torch.cat([prompts.pixel_values[i] for i in idx]).to(self.device),
+                      image_grid_thw=torch.stack([prompts.image_grid_thw[i] for i in idx]).to(self.device))  # fmt: skip
+        was_training = self.model.training
+        self.model.eval()
+        logprobs = None
+        with self.autocast():
+            if engine == "loop":  # one prefill per distinct prompt (its first row), shared by its samples
+                first = {i: row for row, i in reversed(list(enumerate(idx)))}
+                uniq = sorted(first.values())
+                keep = {k: v[uniq] for k, v in inputs.items() if k != "pixel_values"}
+                keep["pixel_values"] = torch.cat([prompts.pixel_values[idx[r]] for r in uniq]).to(self.device)
+                rows = torch.tensor([uniq.index(first[i]) for i in idx], device=self.device)
+                out, logprobs = decode(self.model, **keep, rows=rows, max_new_tokens=max_new_tokens, eos_id=self.eos_id,
+                                       pad_id=self.pad_id, suppressed=self.suppressed, do_sample=do_sample,
+                                       temperature=temperature, top_p=top_p)  # fmt: skip
+            else:
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
+                                          pad_token_id=self.pad_id, suppress_tokens=self.suppressed,
+                                          **self._sampling(do_sample, temperature, top_p, width + max_new_tokens,
+                                                           cache_implementation))[:, width:]  # fmt: skip
+        self.model.train(was_training)
+        completions = []
+        for row in out.tolist():
+            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+            completions.append(row[:cut])
+        if logprobs is not None:
+            logprobs = [lp[: len(c)].cpu() for lp, c in zip(logprobs.float(), completions)]
+        return completions, logprobs
+
+    def _sampling(self, do_sample: bool, temperature: float, top_p: float, tokens: int,
+                  cache_implementation: str | None) -> dict:  # fmt: skip
+        """``generate``'s sampling and cache arguments (``tokens``: prompt width + budget)."""
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
         if cache_implementation == "static":
-            self._cache_length = static_cache_length(width + max_new_tokens, self._cache_length)
+            self._cache_length = static_cache_length(tokens, self._cache_length)
             if _SIZED_STATIC_CACHE:  # transformers >= 5.2x sizes its own static cache
                 sampling |= {"cache_implementation": "static", "max_cache_len": self._cache_length}
             else:
@@ -146,27 +175,7 @@ class Policy:
                                                           max_cache_len=self._cache_length)  # fmt: skip
         elif cache_implementation is not None:
             sampling["cache_implementation"] = cache_implementation
-        was_training = self.model.training
-        self.model.eval()
-        with self.autocast():
-            out = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                mm_token_type_ids=mm.to(self.device),
-                pixel_values=torch.cat([prompts.pixel_values[i] for i in idx]).to(self.device),
-                image_grid_thw=torch.stack([prompts.image_grid_thw[i] for i in idx]).to(self.device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
-                suppress_tokens=self.suppressed,
-                **sampling,
-            )
-        self.model.train(was_training)
-        completions = []
-        for row in out[:, width:].tolist():
-            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
-            completions.append(row[:cut])
-        return completions
+        return sampling
 
     def collate(
         self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]], batching: Batching

@@ -49,28 +49,34 @@ class HFRollout(RolloutEngine):
         self.spec = (spec or LossSpec()).replace(temperature=cfg.temperature, with_entropy=False)
         static = policy.device.type == "cuda" if cfg.hf.static_cache is None else cfg.hf.static_cache
         self.cache_implementation = "static" if replica is not None and static else None
+        self.engine = cfg.hf.decode if cfg.hf.decode != "auto" else ("generate" if policy.device.type == "cuda" else "loop")
 
     def sample(self, prompts: Prompts, n: int) -> Rollouts:
         idx = [b for b in range(len(prompts)) for _ in range(n)]
-        flat = self._run(prompts, idx, do_sample=True, max_new_tokens=self.cfg.max_new_tokens)
-        return Rollouts([flat[b * n : (b + 1) * n] for b in range(len(prompts))])
+        flat, logp = self._run(prompts, idx, do_sample=True, max_new_tokens=self.cfg.max_new_tokens)
+        group = lambda xs: [xs[b * n : (b + 1) * n] for b in range(len(prompts))]  # noqa: E731
+        return Rollouts(group(flat), group(logp) if logp is not None else None)
 
     def greedy(self, prompts: Prompts) -> list[list[int]]:
-        return self._run(prompts, list(range(len(prompts))), do_sample=False, max_new_tokens=self.cfg.eval_max_new_tokens)
+        return self._run(prompts, list(range(len(prompts))), do_sample=False, max_new_tokens=self.cfg.eval_max_new_tokens)[0]
 
-    def _run(self, prompts: Prompts, idx: list[int], *, do_sample: bool, max_new_tokens: int) -> list[list[int]]:
-        out = []
+    def _run(self, prompts: Prompts, idx: list[int], *, do_sample: bool, max_new_tokens: int):
+        """Completions of ``idx`` in chunks, and their sampling log-probs (the ``loop`` engine's; else None)."""
+        out, logp = [], []
         for i in range(0, len(idx), self.chunk):
-            out += self.generator.generate(
+            tokens, lp = self.generator.generate(
                 prompts,
                 idx[i : i + self.chunk],
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 temperature=self.cfg.temperature,
                 top_p=self.cfg.top_p,
+                engine=self.engine,
                 cache_implementation=self.cache_implementation,
             )
-        return out
+            out += tokens
+            logp = logp + lp if lp is not None else None
+        return out, logp
 
     def logprobs(self, prompts: Prompts, idx: Sequence[int], completions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         logp = self.generator.logprobs(prompts, idx, completions, self.spec, self.batching)

@@ -1,0 +1,158 @@
+"""Decoding a Qwen2(.5)-VL policy in a loop of its own, over a preallocated KV cache.
+
+``decode(model, ...)`` does what transformers' ``generate`` does for sampling and greedy decoding
+(the same prefill, the same decoder layers, the same logits processing and ``torch.multinomial``
+draws), without its per-token machinery (input preparation, cache objects growing by
+concatenation, mask rebuilding, logits-processor and stopping-criteria objects): on a small
+model on CPU that machinery, not arithmetic, is most of a decode step.
+
+1. **Prefill**: the model's own forward on the left-padded *distinct* prompts (vision tower
+   included) with transformers' ``DynamicCache``, at the mRoPE positions of ``get_rope_index``; the
+   keys and values are copied into a ``StaticKV`` of ``static_cache_length`` positions (256-token
+   buckets), each prompt's rows repeated for its samples (``rows``): G samples of a prompt share
+   one prefill, where ``generate`` runs the prompt and its image G times.
+2. **Decode**: per new token, the language model's embedding, rotary embedding and every
+   decoder layer called as modules (their norms, projections, rotary application, attention and
+   MLP: nothing re-implemented), with ``StaticKV`` as their cache (``update`` writes the new key
+   and value in place and hands back the filled prefix) and a ``[B, 1, 1, L]`` mask of the
+   non-padding positions. A generated token's position is the prompt's last mRoPE position + 1
+   + its index on all three axes, as the trainer's packed forward places it.
+3. **Next token**: the vision placeholder tokens are suppressed (-inf), logits divided by the
+   temperature, top-p applied (``top_p < 1``), then a draw by inverse CDF (``searchsorted`` of a
+   uniform in the cumulative probabilities: the categorical distribution exactly, ten times
+   cheaper than ``multinomial`` on CPU) or ``argmax`` (greedy); a finished sequence (``eos``) is padded. The log-prob of each sampled token under
+   that processed distribution is returned with it (the rollout/trainer mismatch's
+   ``rollout_logp``).
+
+``tests/test_decode.py`` checks it against ``generate``: the same greedy tokens, and sampled
+tokens' log-probs equal to the trainer's fused pass within 1e-4.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+
+STATIC_CACHE_BUCKET = 256  # tokens: static KV caches are sized in multiples of this (bounded recompiles)
+
+
+def static_cache_length(tokens: int, previous: int = 0) -> int:
+    """The static KV cache length for ``tokens`` (prompt width + generation budget): rounded up to a
+    multiple of ``STATIC_CACHE_BUCKET`` and never below ``previous``, so a compiled decode step,
+    specialised on the cache length, recompiles only when a longer bucket is first needed."""
+    return max(previous, -(-tokens // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
+
+
+class StaticKV:
+    """Per layer, keys and values ``[B, H_kv, L, D]`` of one decode; ``length`` positions are filled."""
+
+    def __init__(self, prefill: DynamicCache, capacity: int, rows: torch.Tensor):
+        """The prefill's keys and values of rows ``rows`` (a prompt's, repeated for each of its samples)."""
+        self.keys, self.values = [], []
+        for layer in prefill.layers:
+            k, v = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+            shape = (*k.shape[:2], capacity, k.shape[-1])
+            self.keys.append(torch.empty(shape, dtype=k.dtype, device=k.device))
+            self.values.append(torch.empty(shape, dtype=v.dtype, device=v.device))
+            self.keys[-1][:, :, : k.shape[2]] = k
+            self.values[-1][:, :, : v.shape[2]] = v
+        self.length = prefill.layers[0].keys.shape[2]
+
+    def update(self, key, value, layer_idx: int, *args, **kwargs):
+        """Write ``key`` / ``value`` ``[B, H_kv, 1, D]`` at the next position; the filled prefix of this layer."""
+        n = self.length
+        self.keys[layer_idx][:, :, n : n + 1] = key
+        self.values[layer_idx][:, :, n : n + 1] = value
+        return self.keys[layer_idx][:, :, : n + 1], self.values[layer_idx][:, :, : n + 1]
+
+
+def _cache_keyword(layer) -> str:
+    """The decoder layer's cache argument (transformers renamed ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+
+
+def _next_token(logits, suppressed, temperature: float, top_p: float, do_sample: bool):
+    """``(token[B], its log-prob under the processed distribution [B])`` from ``logits[B, V]`` (float32)."""
+    scores = logits.float()
+    scores[:, suppressed] = float("-inf")
+    if do_sample:
+        scores = scores / temperature
+        if top_p < 1.0:
+            order = scores.argsort(dim=-1)
+            cumulative = scores.gather(1, order).softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative <= 1 - top_p
+            drop[:, -1] = False
+            scores = scores.scatter(1, order, scores.gather(1, order).masked_fill(drop, float("-inf")))
+    logp = scores.log_softmax(dim=-1)
+    if do_sample:
+        cumulative = logp.exp().cumsum(dim=-1)
+        u = (1 - torch.rand(len(scores), 1, device=scores.device)) * cumulative[:, -1:]  # in (0, total]: no p = 0 token
+        token = torch.searchsorted(cumulative, u).clamp(max=scores.shape[1] - 1).squeeze(1)
+    else:
+        token = scores.argmax(dim=-1)
+    return token, logp.gather(1, token[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mm_token_type_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    *,
+    rows: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    suppressed: Sequence[int],
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens[B, T], logprobs[B, T])`` of up to ``max_new_tokens`` new tokens after the left-padded
+    distinct prompts ``input_ids[U, P]`` (one image each), row b continuing prompt ``rows[b]``
+    (module docstring); finished rows are padded with ``pad_id``."""
+    inner, lm = model.model, model.model.language_model
+    batch, width = len(rows), input_ids.shape[1]
+    positions, _ = inner.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                        attention_mask=attention_mask)  # fmt: skip
+    prefill = DynamicCache()
+    out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=True,
+                **{_cache_keyword(lm.layers[0]): prefill})  # fmt: skip
+    cache = StaticKV(prefill, static_cache_length(width + max_new_tokens), rows)
+    valid = torch.zeros(batch, cache.keys[0].shape[2], dtype=torch.bool, device=input_ids.device)
+    valid[:, :width] = attention_mask.bool()[rows]
+    next_position = positions.amax(dim=(0, 2))[rows] + 1  # [B]: the prompt's last mRoPE position + 1
+    suppressed = torch.tensor(list(suppressed), device=input_ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    cache_keyword = _cache_keyword(lm.layers[0])
+    hidden = out.last_hidden_state[rows, -1:]
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        token, logp = _next_token(model.lm_head(hidden)[:, -1], suppressed, temperature, top_p, do_sample)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logprobs.append(torch.where(finished, torch.zeros_like(logp), logp))
+        finished |= token == eos_id
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        n = cache.length
+        valid[:, n] = True
+        pos = (next_position + step).view(1, batch, 1).expand(3, batch, 1)
+        hidden = lm.embed_tokens(token[:, None])
+        rotary = lm.rotary_emb(hidden, pos)
+        mask = valid[:, None, None, : n + 1]
+        for layer in lm.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=pos[0], position_embeddings=rotary,
+                           **{cache_keyword: cache})  # fmt: skip
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        cache.length = n + 1
+        hidden = lm.norm(hidden)
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
