@@ -62,7 +62,8 @@ class DataConfig:
     on_bad_row: str = "error"  # error | skip (counted and logged)
     train_size: int = 2000  # shapes task sizes
     eval_size: int = 200
-    absent_ratio: float = 0.5  # share of shapes queries whose object is absent (train and eval splits)
+    absent_ratio: float = 0.5  # share of shapes training queries whose object is absent
+    eval_absent_ratio: float = 0.5  # the same share in the held-out split (N-Acc over its absent rows, bbox_acc over the rest)
     probe_size: int | None = None  # forgetting-probe rows (count / colour questions) scored at every evaluation; shapes only; None: 100 on shapes, else 0
     seed: int = 1234
 
@@ -339,8 +340,8 @@ def validate(cfg: Config) -> Config:
                           f"{d.eval_split} (task {d.task}, eval_path {d.eval_path})")
     if cfg.model.backend != "megatron" and cfg.parallel.tp * cfg.parallel.pp > 1:
         raise ConfigError(f"parallel.tp/parallel.pp: {cfg.parallel.tp}/{cfg.parallel.pp} need model.backend=megatron")
-    if not 0 <= d.absent_ratio <= 1:
-        raise ConfigError(f"data.absent_ratio: must be in [0, 1], got {d.absent_ratio}")
+    if not (0 <= d.absent_ratio <= 1 and 0 <= d.eval_absent_ratio <= 1):
+        raise ConfigError(f"data.absent_ratio / eval_absent_ratio: must be in [0, 1], got {d.absent_ratio}, {d.eval_absent_ratio}")
     if not 0 <= cfg.warmstart.direct_share <= 1:
         raise ConfigError(f"warmstart.direct_share: must be in [0, 1], got {cfg.warmstart.direct_share}")
     if not 0 <= cfg.warmstart.probe_share < 1:

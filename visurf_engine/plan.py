@@ -35,7 +35,8 @@ Components (``N``: parameters; ``b_m``, ``b_c``: bytes of the master / compute d
       vision block b_c (13.125 Hv + 4 Iv) + (4 - b_c) 3.2 Hv
       outside      4 (2 H) per token; 4 (1176 + 5 Hv) per patch (pixels, merger)
   With activation checkpointing each layer keeps its input (``4 H`` per token, ``b_c Hv`` per
-  patch) and one layer at a time is recomputed in full. These coefficients were measured with
+  patch) and one layer at a time is recomputed in full during the backward, its activations and
+  their gradients alive together (twice one layer's). These coefficients were measured with
   ``torch.autograd.graph.saved_tensors_hooks`` on the real 3B widths (``bench/memory.py --saved``:
   fp32 and CPU bf16 autocast, within 1% of the formulas).
 - **step working set**: AdamW's temporaries (single-tensor: the largest parameter; fused: none).
@@ -135,7 +136,7 @@ def activation_bytes(s: Shape, w: Workload, compute: int, checkpointing: bool) -
     if not checkpointing:
         return int(s.layers * text * w.tokens + s.vis_depth * vision * w.patches + outside)
     kept = s.layers * 4 * s.hidden * w.tokens + s.vis_depth * compute * s.vis_hidden * w.patches
-    return int(kept + max(text * w.tokens, vision * w.patches) + outside)
+    return int(kept + 2 * max(text * w.tokens, vision * w.patches) + outside)
 
 
 def loss_bytes(s: Shape, w: Workload, compute: int, device: str = "cuda") -> int:

@@ -15,7 +15,7 @@ def load(cfg: Config) -> tuple[list[Row], list[Row], list[Row]]:
     d = cfg.data
     return (
         make_split(d.train_size, seed=d.seed, absent_ratio=d.absent_ratio),
-        make_split(d.eval_size, seed=d.seed + 1, absent_ratio=d.absent_ratio),
+        make_split(d.eval_size, seed=d.seed + 1, absent_ratio=d.eval_absent_ratio),
         make_probe_split(d.probe_size, seed=d.seed + 1),
     )
 
