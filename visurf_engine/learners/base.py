@@ -144,9 +144,13 @@ class Learner(ABC):
         norm = self.clip_grads(grad_clip)
         skip = any_rank(not (loss_finite and math.isfinite(norm)), self.run_world)
         if not skip:
-            self.optimizer.step()
+            self.optimizer_step()
         self.zero_grads()
         return Update(norm, skip)
+
+    def optimizer_step(self) -> None:
+        """Update the weights from the clipped gradients (``step`` calls it unless it skips)."""
+        self.optimizer.step()
 
     @abstractmethod
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
