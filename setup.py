@@ -61,6 +61,8 @@ setup(
     description="Kernel-optimized ViSurf (SFT + RLVR in one stage) post-training engine for VLMs",
     python_requires=">=3.10",
     packages=find_packages(include=["visurf_engine", "visurf_engine.*"]),
+    # the embedded default's base model (~4.6 MB, scripts/build_base_model.py), loaded instead of built
+    package_data={"visurf_engine.tasks.shapes": ["shipped_base_model/*"]},
     install_requires=[
         "visurf-kernels==0.1.0",
         "torch>=2.6",

@@ -60,25 +60,22 @@ BUDGET_S=${BUDGET_S:-470}
 # (tests/test_gpu_script.py checks the sums, that every stage has a row, and that the doc's table is this one).
 # No stage has been timed on a GPU yet: the GPU column is an estimate.
 BUDGETS="
-kernel-tests     75   45
-cuda-tests       60   75
-megatron-tp      40   75
-kernels-bench    60   45
-throughput      120  120
-update-bench     70   60
-weight-sync      30   45
+kernel-tests     60   45
+cuda-tests       60   60
+megatron-tp      30   60
+kernels-bench    50   40
+throughput       95  110
+update-bench     50   50
+weight-sync      25   40
+memory           85   40
 "
-# The throughput stage's settings on the random-init Qwen2.5-VL-3B. The engine trains it as it trains everything
-# today on CUDA: fp32 master weights under bf16 autocast, no activation checkpointing, one GPU. Its weights, grads
-# and AdamW moments alone are 3.75 B x 16 B = 56 GiB, autocast's bf16 weight copies 7 GiB more, so an 80 GB H100 has
-# about 15 GiB left for activations and the vision tower (estimates, not measured: ~6 MiB a token over the 36
-# layers, ~2 GiB a 448x448 image): 4 prompts x G = 4 and micro-batches of at most 1024 tokens (about two sequences
-# of 256 image tokens + prompt + 128 completion tokens; TRL's micro-batches are sized from the same budget,
-# bench/trl_peer.py) instead of the defaults (8 prompts, 8192 tokens: ~50 GiB of activations). Once
-# model.backend=fsdp, train.activation_checkpointing and the bf16 compute precision exist, add
-# train.activation_checkpointing=true and the bf16 precision here and go back to the default batch and micro-batch
-# sizes (fsdp shards the states only across several GPUs: on one it saves nothing).
-THROUGHPUT_3B_OVERRIDES=${THROUGHPUT_3B_OVERRIDES:-"rollout.max_new_tokens=128 train.batch_size=4 train.max_tokens_per_micro_batch=1024"}
+# The throughput stage's settings on the random-init Qwen2.5-VL-3B, on one GPU (model.backend=hf: fp32 master
+# weights, gradients and AdamW state, bf16 compute). Its memory plan on an 80 GB card (python -m visurf_engine.plan
+# --preset qwen2.5-vl-3b --gpus 1 --gpu-gib 79 with these overrides): 56 GiB of weights, gradients and AdamW state,
+# 7 GiB of autocast's weight copies, 7 GiB for the KL reference, activations under 1 GiB with checkpointing: a peak of
+# 71 GiB. The trainer checks the same plan at start (train.memory_check). TRL's micro-batches follow the same token
+# budget (bench/trl_peer.py).
+THROUGHPUT_3B_OVERRIDES=${THROUGHPUT_3B_OVERRIDES:-"rollout.max_new_tokens=128 train.batch_size=4 train.max_tokens_per_micro_batch=2048 train.activation_checkpointing=true"}
 
 WHEELS="trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 megatron-core==0.16.1"
 if [ "$MODE" = fetch ]; then
@@ -194,6 +191,8 @@ if [ "$MODE" = gpu ]; then
         $THROUGHPUT_3B_OVERRIDES ${THROUGHPUT_OVERRIDES:-} --out "$R/throughput.json"
     stage update-bench $PY bench/update.py --groups 8 --image 448 --reps 2 --out "$R/update.json"
     stage weight-sync $PY bench/weight_sync.py --models qwen2.5-vl-3b --reps 5 --out "$R/weight_sync.json"
+    stage memory $PY bench/memory.py --cases 3b-fsdp-1-gpu,3b-fsdp-1-ac-gpu,7b-fsdp-1-offload-gpu --max-tokens 4096 \
+        --out "$R/memory.json"
 else
     stage kernel-tests $PY -m pytest -q -p no:cacheprovider --collect-only kernels/tests
     stage cuda-tests $PY -m pytest -q -p no:cacheprovider -m cuda $CUDA_TESTS
@@ -204,6 +203,7 @@ else
         --out "$R/throughput.json"
     stage update-bench $PY bench/update.py --quick --out "$R/update.json"
     stage weight-sync $PY bench/weight_sync.py --models tiny --engines replica --reps 1 --out "$R/weight_sync.json"
+    stage memory $PY bench/memory.py --cases tiny-hf-1 --max-tokens 1024 --image 112 --out "$R/memory.json"
 fi
 wait_build
 
@@ -280,8 +280,14 @@ def megatron_tp():
     return f"TP={m['tp']} on {m['device']}: " + ("; ".join(bad) if bad else
             f"{len(m['checks'])} checks ok (worst gradient {worst['error']:.2g}, tolerance {worst['tolerance']:.0e})")
 
+def memory():
+    m = load("memory") or {}
+    return "; ".join(f"{c['case']}: planned {c['planned'] / 2**30:.1f} GiB / measured {c['measured'] / 2**30:.1f} = "
+                     f"{c['ratio']:.2f}, step {max(max(r) for r in c['step_s']):.1f} s" for c in m.get("cases", []))
+
 benches = {"kernels-bench": ("kernels", kernels), "weight-sync": ("weight_sync", weight_sync), "update-bench": ("update", update),
-           "throughput": ("throughput", throughput), "megatron-tp": ("megatron_tp", megatron_tp)}
+           "throughput": ("throughput", throughput), "megatron-tp": ("megatron_tp", megatron_tp),
+           "memory": ("memory", memory)}
 headline = {"kernel-tests": lambda: pytest_line("kernel-tests"), "cuda-tests": lambda: pytest_line("cuda-tests"),
             **{stage: (lambda f=f, j=j: f() + partial(j)) for stage, (j, f) in benches.items()}}
 rows = [line.split("\t") for line in (work / "status.tsv").read_text().splitlines()]

@@ -93,7 +93,7 @@ def worker(layout: str, g: int, args) -> dict:
     lengths = [completion_lengths(rng, g, args.budget) for _ in range(args.prompts)]
     tokens = [[rng.integers(len(SPECIAL_TOKENS), vocab, n).tolist() for n in group] for group in lengths]  # no vision ids
     members = build_members([t[:-1] for t in tokens], torch.randn(args.prompts, g), [t[-1] for t in tokens],
-                            torch.randn(args.prompts), gold_logprob_loss=False)  # fmt: skip
+                            torch.randn(args.prompts), gold_objective=0)  # fmt: skip
     weights = sequence_weights(members.lengths, "token-mean", num_seqs=len(members),
                                num_tokens=int(members.lengths.sum()), max_len=args.budget)  # fmt: skip
     batching = LAYOUTS[layout]

@@ -118,7 +118,7 @@ def phase_of(paradigm, step, sft_steps):
 
 
 def test_phase_of_paradigms():
-    assert set(PARADIGMS) == {"sft", "rlvr", "visurf", "sft_then_rlvr"}
+    assert set(PARADIGMS) == {"sft", "rlvr", "visurf", "sft_then_rlvr", "luffy", "chord", "dft", "hpt"}
     assert [phase_of("sft_then_rlvr", s, 2) for s in range(4)] == ["sft", "sft", "rlvr", "rlvr"]
     assert phase_of("visurf", 0, 2) == "visurf" and phase_of("rlvr", 9, 2) == "rlvr" and phase_of("sft", 9, 2) == "sft"
     with pytest.raises(ValueError, match="unknown paradigm"):
@@ -127,24 +127,29 @@ def test_phase_of_paradigms():
 
 def test_build_members_orders_groups_and_flags_gold():
     members = build_members([[[1], [2, 3]], [[4], [5]]], torch.tensor([[0.5, -0.5], [0.0, 0.0]]),
-                            [[9, 9], [8]], torch.tensor([1.5, 0.0]), gold_logprob_loss=True)
+                            [[9, 9], [8]], torch.tensor([1.5, 0.0]), gold_objective=1)
     assert list(zip(members.prompt.tolist(), members.tokens, members.adv.tolist(), members.gold.tolist(),
-                    members.logprob_loss.tolist())) == [
-        (0, [1], 0.5, False, False), (0, [2, 3], -0.5, False, False), (0, [9, 9], 1.5, True, True),
-        (1, [4], 0.0, False, False), (1, [5], 0.0, False, False), (1, [8], 0.0, True, True)]
+                    members.objective.tolist())) == [
+        (0, [1], 0.5, False, 0), (0, [2, 3], -0.5, False, 0), (0, [9, 9], 1.5, True, 1),
+        (1, [4], 0.0, False, 0), (1, [5], 0.0, False, 0), (1, [8], 0.0, True, 1)]
+    kept = build_members([[[1], [2, 3]], [[4], [5]]], torch.tensor([[0.5, -0.5], [0.0, 0.0]]), [[9, 9], [8]],
+                         torch.tensor([1.5, 0.0]), gold_objective=3, gold_part=1,
+                         keep_rollouts=torch.tensor([True, False]), keep_gold=torch.tensor([False, True]))  # fmt: skip
+    assert kept.tokens == [[1], [2, 3], [8]] and kept.prompt.tolist() == [0, 0, 1] and kept.part.tolist() == [0, 0, 1]
+    assert kept.objective.tolist() == [0, 0, 3] and kept.adv.tolist() == [0.5, -0.5, 0.0]
 
 
 def test_members_carry_rollout_logprobs_nan_for_the_gold():
     lp = [[torch.tensor([-0.1]), torch.tensor([-0.2, -0.3])], [torch.tensor([-0.4]), torch.tensor([-0.5])]]
     members = build_members([[[1], [2, 3]], [[4], [5]]], torch.zeros(2, 2), [[9, 9], [8]], torch.zeros(2),
-                            gold_logprob_loss=False, rollout_logp=lp)  # fmt: skip
+                            rollout_logp=lp)  # fmt: skip
     flat = torch.cat(members.rollout_logp)
     assert torch.isnan(flat).tolist() == [False, False, False, True, True, False, False, True]
     assert flat[~torch.isnan(flat)].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.5])
     part = members.select([4, 2])
     assert part.tokens == [[5], [9, 9]] and part.rollout_logp[0].tolist() == pytest.approx([-0.5])
     assert torch.isnan(part.rollout_logp[1]).all() and part.old_logp is None
-    no_logp = build_members([[[1]]], torch.zeros(1, 1), [[9]], torch.zeros(1), gold_logprob_loss=False)
+    no_logp = build_members([[[1]]], torch.zeros(1, 1), [[9]], torch.zeros(1))
     assert no_logp.rollout_logp is None and no_logp.select([1]).rollout_logp is None
 
 
@@ -286,7 +291,7 @@ def test_trainer_align_fallback_ranks_renderings_by_mean_token_loglik():
     assert sum(spaced) / len(spaced) > sum(compact) / len(compact)  # the likelier per token: spaced
     trainer = Trainer.__new__(Trainer)  # only what _gold reads
     trainer.cfg, trainer.spec, trainer.policy, trainer.rollout = load_config(), G, Policy(), Rollout()
-    tokens, _, m, _ = trainer._gold(SimpleNamespace(scored_gold=False), [SimpleNamespace(solution=sol, id="r")],
+    tokens, _, m, _ = trainer._gold(SimpleNamespace(scored_gold=False, controls=True), [SimpleNamespace(solution=sol, id="r")],
                                     None, [["garbage", "<answer>?</answer>"]], GroupRewards(1))  # fmt: skip
     assert ["".join(map(chr, t)) for t in tokens] == [G.render(sol, "spaced")] and m["gold/aligned_share"] == 1.0
 
@@ -304,3 +309,54 @@ def test_choose_styles_scores_every_unrecognised_group_in_one_call():
     styles = choose_styles(G, [["garbage"], [spaced], ["<answer>[]</answer>"]], cands, align=True, align_style="auto",
                            loglik=loglik)
     assert styles == ["compact", "spaced", "spaced"] and calls == [[0, 0, 2, 2]]
+
+
+def test_luffy_normalises_over_the_mixed_group_without_reward_controls_and_shapes_the_gold():
+    from visurf_engine.algo.paradigms import LUFFY
+
+    r = GroupRewards(2, rollout=torch.tensor([[1.0, 0.0, 0.0], [2.0, 2.0, 2.0]]), gold=torch.tensor([3.0, 2.0]))
+    adv_r, adv_g = LUFFY.advantages(r, norm_by_std=True, eps=0.0)
+    group = torch.tensor([1.0, 0.0, 0.0, 3.0])  # prompt 0: three rollouts and the gold, one group
+    want = (group - group.mean()) / group.std()
+    assert torch.allclose(adv_r[0], want[:3]) and math.isclose(adv_g[0].item(), want[3].item(), rel_tol=1e-6)
+    assert adv_r[1].tolist() == [0.0, 0.0, 0.0] and adv_g[1].item() == 0.0  # a flat group: all zero
+    assert not LUFFY.controls and LUFFY.gold_objective_of({"gold_loss": "ppo"}) == "shaped"
+
+
+def test_chord_mu_schedule_and_separately_normalised_parts():
+    from visurf_engine.algo.members import member_weights, part_counts
+    from visurf_engine.algo.paradigms import CHORD
+
+    knobs = {"chord_mu": (0.9, 0.1, 4), "chord_phi": False}
+    assert [round(CHORD.scales(s, knobs)[1], 6) for s in (0, 2, 4, 9)] == [0.9, 0.5, 0.1, 0.1]
+    assert CHORD.scales(2, knobs)[0] == pytest.approx(0.5)
+    assert CHORD.gold_objective_of(knobs) == "logprob" and CHORD.gold_objective_of(knobs | {"chord_phi": True}) == "phi"
+    r = GroupRewards(1, rollout=torch.tensor([[1.0, 0.0]]))
+    adv_r, adv_g = CHORD.advantages(r, norm_by_std=False, eps=0.0)
+    assert adv_r.tolist() == [[0.5, -0.5]] and adv_g.tolist() == [1.0]  # GRPO over the rollouts; SFT on the gold
+    members = CHORD.members(knobs, r, [[[1, 2, 3], [4]]], adv_r, [[7, 8]], adv_g)
+    assert members.part.tolist() == [0, 0, 1] and members.objective.tolist() == [0, 0, 1]
+    w = member_weights(members, "token-mean", part_counts(members, 2), (0.5, 0.5), max_len=8)
+    # L = 0.5 * mean over the 4 rollout tokens + 0.5 * mean over the 2 gold tokens
+    assert w.tolist() == pytest.approx([0.5 / 4, 0.5 / 4, 0.5 / 2])
+
+
+def test_hpt_switches_at_the_threshold():
+    from visurf_engine.algo.paradigms import HPT
+
+    solved = torch.tensor([[True, False, False, False], [False, False, False, False], [True, True, False, False]])
+    r = GroupRewards(3, rollout=torch.rand(3, 4), solved=solved)
+    for threshold, rl in ((0.0, [True, False, True]), (0.25, [False, False, True]), (0.5, [False, False, False])):
+        keep_r, keep_g = HPT.select(r, {"hpt_threshold": threshold})
+        assert keep_r.tolist() == rl and keep_g.tolist() == [not x for x in rl]
+    adv_r, adv_g = HPT.advantages(r, norm_by_std=True, eps=1e-6)
+    members = HPT.members({"hpt_threshold": 0.0, "gold_loss": "ppo"}, r, [[[1]] * 4] * 3, adv_r, [[7], [8], [9]], adv_g)
+    assert members.prompt.tolist() == [0, 0, 0, 0, 1, 2, 2, 2, 2] and members.gold.tolist() == [False] * 4 + [True] + [False] * 4
+    assert members.objective.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0] and members.adv[4].item() == 1.0
+
+
+def test_dft_and_visurf_gold_objectives():
+    from visurf_engine.algo.paradigms import DFT, VISURF
+
+    assert DFT.gold_objective_of({"gold_loss": "ppo"}) == "dft" and not DFT.rollouts
+    assert VISURF.gold_objective_of({"gold_loss": "dft"}) == "dft" and VISURF.gold_objective_of({"gold_loss": "ppo"}) == "ppo"

@@ -72,7 +72,7 @@ def _loss_and_grads(model, batching):
     (x,) = random_micro_batches(model, seed=3, micro=1, rows=5, batching=batching)
     hidden = completion_hidden(model, x.batch)
     loss, stats = fused_policy_loss(hidden, model.lm_head.weight, x.batch.targets, x.old_logp, x.adv, x.w, SPEC,
-                                    x.logprob_mask)  # fmt: skip
+                                    x.objective)  # fmt: skip
     loss.backward()
     return loss.detach(), stats["logp"], {n: p.grad.clone() for n, p in model.named_parameters()}
 

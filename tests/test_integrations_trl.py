@@ -21,7 +21,7 @@ trl = require("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from visurf_engine.algo.gold import control_gold_rewards  # noqa: E402
-from visurf_engine.algo.paradigms import GroupRewards, visurf_advantages  # noqa: E402
+from visurf_engine.algo.paradigms import GroupRewards, mixed_group_advantages  # noqa: E402
 from visurf_engine.integrations.trl import ViSurfGRPOTrainer, ViSurfOptions  # noqa: E402
 from visurf_engine.rewards import get_reward  # noqa: E402
 
@@ -74,7 +74,7 @@ def check_gold(trainer, expected_think_index: int | None):
     raw, w = trainer.raw_rewards.view(-1, M, trainer.raw_rewards.shape[1]), trainer.reward_weights
     rollout = raw[:, :-1] @ w
     r_star, smoothed = control_gold_rewards(raw[:, -1], rollout, w, expected_think_index, eliminate=True, smooth=True)
-    adv_rollout, adv_gold = visurf_advantages(GroupRewards(len(r_star), rollout, r_star, smoothed), norm_by_std=True, eps=1e-4)
+    adv_rollout, adv_gold = mixed_group_advantages(GroupRewards(len(r_star), rollout, r_star, smoothed), norm_by_std=True, eps=1e-4)
     ours = torch.cat([adv_rollout, adv_gold[:, None]], dim=1).flatten()
     torch.testing.assert_close(b["advantages"], ours, rtol=1e-5, atol=1e-5)  # float32 mean / std of <= 4 values
     assert torch.equal(b["advantages"][gold][smoothed], torch.zeros(int(smoothed.sum())))
@@ -195,3 +195,40 @@ def test_unsupported_settings_raise(tmp_path):
     with pytest.raises(ValueError, match="pad on the left"):
         ViSurfGRPOTrainer(model=model, args=grpo_args(tmp_path), train_dataset=vlm_dataset(rows),
                           processing_class=processor, reward_spec="grounding")  # fmt: skip
+
+
+@pytest.mark.parametrize("gold_loss", ["dft", "shaped", "phi"])
+def test_gold_objectives_through_the_fused_loss_equal_the_elementwise_objective(tmp_path, gold_loss):
+    """``ViSurfOptions.gold_loss`` beyond ppo (the kernel's per-token objectives, exposed to TRL
+    users): on one batch with the gold as member G + 1, the fused loss and its gradients equal
+    ``policy_loss_from_logp`` with the gold rows' objective code on TRL's own per-token log-probs
+    (materialised logits) and autograd; fp32, the tolerances of ``check_loss_matches``."""
+    from visurf_kernels import OBJECTIVES, policy_loss_from_logp
+
+    rows = shapes_rows(4)
+    model, tok = tiny_text_lm(rows)
+    trainer = ViSurfGRPOTrainer(model=model, reward_funcs=rewards_with_smoothing(), args=grpo_args(tmp_path),
+                                train_dataset=text_dataset(rows), processing_class=tok, reward_spec="grounding",
+                                visurf=ViSurfOptions(gold_loss=gold_loss, loss_backend="torch"))  # fmt: skip
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    inputs["advantages"] = torch.randn(inputs["completion_mask"].shape[0], generator=torch.Generator().manual_seed(2))
+    mask = inputs["completion_mask"].bool()
+    codes = inputs["visurf_gold"][:, None].expand_as(mask)[mask].long() * OBJECTIVES.index(gold_loss)
+    assert (codes > 0).any() and (codes == 0).any()
+    model.zero_grad()
+    fused = ViSurfGRPOTrainer._compute_loss(trainer, model, inputs)
+    fused.backward()
+    fused_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, att, inputs["completion_ids"].size(1))
+    adv = inputs["advantages"][:, None].expand_as(mask)[mask]
+    ref, _, _ = policy_loss_from_logp(logps[mask], logps[mask].detach(), adv, trainer._token_weights(mask, inputs),
+                                      trainer.loss_spec, codes)  # fmt: skip
+    ref.backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(fused.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    assert (fused_grads - ref_grads).abs().max() <= 1e-5 * ref_grads.abs().max()

@@ -19,7 +19,8 @@ from engine_testing.runs import FAULT_PARADIGMS, SMALL, run_script, small_cfg
 from visurf_engine.algo.paradigms import PARADIGMS
 from visurf_engine.learners.base import Learner
 from visurf_engine.parallel.world import World
-from visurf_engine.trainer import NonFiniteError, Trainer
+from visurf_engine.nonfinite import NonFiniteError
+from visurf_engine.trainer import Trainer
 
 RUN = ["algo.paradigm=visurf_nan_at_2", "train.steps=3", "train.save_every=1", "train.keep_checkpoints=3",
        "data.probe_size=0"]  # fmt: skip

@@ -40,13 +40,16 @@ def test_components_on_a_hand_computed_case():
     outside = 4 * 2 * 64 * 1000 + 4 * (3 * 2 * 14 * 14 + 5 * 32) * 64
     assert activation_bytes(shape, work, 4, False) == int(4 * text * 1000 + 2 * vision * 64 + outside)
     assert activation_bytes(shape, work, 4, True) < activation_bytes(shape, work, 4, False)
-    assert hf.peak == 16 * n + max(hf.components["loss"] + hf.components["activations"], hf.components["optimizer step"])
+    kv_cache = 2 * 4 * (2 * 16) * 64 * 256 * 4  # 2 (K, V) x 4 layers x 2 KV heads of 16 x 64 sequences x 256 tokens x fp32
+    assert hf.components["rollout cache"] == kv_cache and hf.components["rollout engine"] == 0  # the shared module
+    update = hf.components["loss"] + hf.components["activations"]
+    assert hf.peak == 16 * n + max(update, hf.components["optimizer step"], kv_cache)
 
 
 def test_the_7b_recipe_does_not_fit_8_x_80_gb_on_hf_and_the_refusal_names_the_fix():
     shape = Shape.of(real_shape_config("qwen2.5-vl-7b", TOKENIZER))
     cfg = load_config("configs/qwen2_5_vl_7b_grounding.yaml", ["model.backend=hf", "train.activation_checkpointing=false"])
-    with pytest.raises(DoesNotFit, match=r"needs \d+\.\d GiB per GPU, the GPU has 80\.0 GiB.*it fits with: model\.backend=fsdp"):
+    with pytest.raises(DoesNotFit, match=r"(?s)needs \d+\.\d GiB per GPU, the GPU has 80\.0 GiB.*it fits with: model\.backend=fsdp \(train"):
         check(cfg, shape, gpus=8, gpu_gib=80)
     assert plan(load_config("configs/qwen2_5_vl_7b_grounding.yaml"), shape, gpus=8, gpu_gib=80).headroom > 0
 

@@ -18,9 +18,12 @@ from visurf_engine.train import main
 from visurf_engine.trainer import Trainer
 
 
-@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "sft_then_rlvr"])
+@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "sft_then_rlvr", "luffy", "chord", "dft", "hpt",
+                                      "visurf-gold_loss=dft"])  # fmt: skip
 def test_paradigm_runs_and_writes_metrics_and_checkpoint(paradigm, cache, tmp_path):
-    cfg = small_cfg(cache, tmp_path, f"algo.paradigm={paradigm}", "train.steps=2", "train.save_every=1")
+    paradigm, *extra = paradigm.split("-")
+    extra = [f"algo.{e}" for e in extra] + (["algo.hpt_threshold=0.5"] if paradigm == "hpt" else [])
+    cfg = small_cfg(cache, tmp_path, f"algo.paradigm={paradigm}", "train.steps=2", "train.save_every=1", *extra)
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
     results = trainer.run()
@@ -37,8 +40,13 @@ def test_paradigm_runs_and_writes_metrics_and_checkpoint(paradigm, cache, tmp_pa
     if paradigm == "sft_then_rlvr":
         assert [l["phase/sft"] for l in steps] == [1.0, 0.0]
     for l in steps:  # token counts and per-phase time / peak memory (bench/throughput.py reads them)
-        sft, gold = l["phase/sft"] == 1.0 or paradigm == "sft", paradigm == "visurf" or l["phase/sft"] == 1.0
-        assert (l["tokens/generated"] == 0) == sft and (l["tokens/trained"] > l["tokens/generated"]) == gold
+        sft = l["phase/sft"] == 1.0 or paradigm in ("sft", "dft")
+        assert (l["tokens/generated"] == 0) == sft
+        assert (l["members/gold"] == 0) == (paradigm == "rlvr" or paradigm == "sft_then_rlvr" and not l["phase/sft"])
+        if paradigm != "hpt":  # hpt trains the rollouts or the gold of each prompt
+            assert (l["tokens/trained"] > l["tokens/generated"]) == (l["members/gold"] > 0)
+    if paradigm == "chord":
+        assert [round(l["loss/sft_scale"], 4) for l in steps] == [0.9, round(0.9 - 0.85 / 200, 4)]
         assert l["tokens/prompt"] > 0 and l["mem/step"] >= l["mem/update"] > 0 and "time/update" in l
         assert ("time/rollout" in l) != sft
     assert {"giou", "n_acc", "bbox_acc"} <= set(results["final"]) and set(results["base"]) == set(results["final"])

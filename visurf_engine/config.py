@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from visurf_kernels import BACKENDS, LossSpec
+from visurf_kernels import BACKENDS, OBJECTIVES, LossSpec
 from visurf_kernels.spec import KL_ESTIMATORS
 
 from .algo.members import AGGREGATIONS
@@ -117,7 +117,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    paradigm: str = "visurf"  # a registered paradigm (algo.paradigms): sft | rlvr | visurf | sft_then_rlvr
+    paradigm: str = "visurf"  # a registered paradigm (algo.paradigms): sft | rlvr | visurf | sft_then_rlvr | luffy | chord | dft | hpt
     sft_steps: int = -1  # sft_then_rlvr: SFT steps before RLVR; -1 = half of train.steps
     align: bool = True  # render the gold in the policy's own style
     align_style: str = "auto"  # auto | a style name of the reward (used when align is on)
@@ -128,7 +128,11 @@ class AlgoConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None  # c > 1 enables dual-clip for negative advantages
-    gold_loss: str = "ppo"  # ppo (same clipped surrogate as rollouts) | logprob (-A* log pi)
+    gold_loss: str = "ppo"  # visurf's gold objective: ppo (the rollouts' clipped surrogate) | logprob (-A* log pi) | dft (-A* sg(p) log p) | shaped | phi
+    luffy_gamma: float = 0.1  # luffy: the policy shaping f(p) = p / (p + gamma) of the gold's tokens
+    chord_mu: tuple[float, float, int] = (0.9, 0.05, 200)  # chord: mu from start to end, linearly over that many steps
+    chord_phi: bool = False  # chord: weight the SFT term's tokens by p (1 - p) (CHORD-phi)
+    hpt_threshold: float = 0.0  # hpt: RL on a prompt whose rollouts' success rate exceeds this, else SFT on its gold
     aggregation: str = "token-mean"
     updates_per_step: int = 1  # optimizer steps per batch (>1 needs an old-log-prob pass)
     kl_coef: float = 0.05  # KL penalty against the frozen base model, every phase (0: none, and no reference pass)
@@ -184,13 +188,13 @@ class Config:
     def loss_spec(self) -> LossSpec:
         """The run's loss options as the kernel's ``LossSpec``, the one place config keys meet it:
         the sampling temperature (log-probs of the sampled distribution), ``algo.eps_low`` /
-        ``eps_high`` / ``dual_clip`` / ``kl_coef`` / ``kl_estimator``, ``algo.tis_cap`` under
+        ``eps_high`` / ``dual_clip`` / ``kl_coef`` / ``kl_estimator``, ``algo.luffy_gamma`` (the shaping gamma), ``algo.tis_cap`` under
         ``rollout_correction=tis``, ``loss.backend``; the entropy is always reported (logged)."""
         a = self.algo
         tis_cap = a.tis_cap if a.rollout_correction == "tis" else None
         return LossSpec(temperature=self.rollout.temperature, eps_low=a.eps_low, eps_high=a.eps_high,
                         dual_clip=a.dual_clip, tis_cap=tis_cap, with_entropy=True, backend=self.loss.backend,
-                        kl_coef=a.kl_coef, kl_estimator=a.kl_estimator)  # fmt: skip
+                        kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, shaping_gamma=a.luffy_gamma)  # fmt: skip
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -259,7 +263,12 @@ def validate(cfg: Config) -> Config:
     a, t, r, d = cfg.algo, cfg.train, cfg.rollout, cfg.data
     _check_choice("algo.paradigm", a.paradigm, tuple(PARADIGMS))
     _check_choice("algo.aggregation", a.aggregation, AGGREGATIONS)
-    _check_choice("algo.gold_loss", a.gold_loss, ("ppo", "logprob"))
+    _check_choice("algo.gold_loss", a.gold_loss, OBJECTIVES)
+    if not a.luffy_gamma > 0 or not 0 <= a.hpt_threshold < 1:
+        raise ConfigError(f"algo.luffy_gamma / hpt_threshold: need gamma > 0 and 0 <= threshold < 1, got {a.luffy_gamma}, "
+                          f"{a.hpt_threshold}")  # fmt: skip
+    if not (0 <= a.chord_mu[1] <= 1 and 0 <= a.chord_mu[0] <= 1 and a.chord_mu[2] > 0):
+        raise ConfigError(f"algo.chord_mu: (start, end, decay steps) with start, end in [0, 1] and steps > 0, got {a.chord_mu}")
     _check_choice("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
     if a.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef: must be >= 0, got {a.kl_coef}")

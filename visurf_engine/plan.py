@@ -19,9 +19,11 @@ Components (``N``: parameters; ``b_m``, ``b_c``: bytes of the master / compute d
 - **autocast copies** (``hf`` with ``b_c < b_m``): autocast casts every matmul weight once per
   forward and the cast copies are saved for the backward: ``N_matmul b_c``.
 - **reference**: the KL reference, frozen, in ``b_c`` (``/W`` with ``fsdp``); 0 without KL.
-- **rollout**: vLLM's share (``gpu_memory_utilization`` of the card, weights and KV cache), or the
-  HF replica (``N b_replica``) and its KV cache, or (shared module) the KV cache of one
-  generation chunk; a static cache is sized in 256-token buckets.
+- **rollout engine** (held through the step) and **rollout cache** (held while sampling: a
+  working set of its own): vLLM's share (``gpu_memory_utilization`` of the card, weights and KV
+  cache) is the cache when vLLM sleeps during the update (CUDA's default), else the engine; the
+  HF replica's weights (``N b_replica``) are the engine and the KV cache of one 64-sequence
+  generation chunk (sized in 256-token buckets) the cache.
 - **loss**: the fused loss's working set: the exp buffer of one row chunk ``[n, V]`` (bf16 for
   16-bit inputs; ``n = max(1024, N_tokens / 16)``), the fp32 ``dW`` accumulator ``[V, H]`` when
   the rows take more than one chunk, ``d hidden [N_tokens, H]``.
@@ -40,8 +42,7 @@ Components (``N``: parameters; ``b_m``, ``b_c``: bytes of the master / compute d
 
 The peak is the persistent part (weights, gradients, optimizer, reference, rollout engine) plus
 the largest working set of the step: the update (gathered, autocast copies, loss, activations),
-or the optimizer step. A sampling micro-batch of the shared HF engine is assumed to fit in the
-update's working set. ``bench/memory.py`` checks the plan against measured peaks.
+the optimizer step, or sampling (the rollout cache). ``bench/memory.py`` checks the plan against measured peaks.
 """
 
 from __future__ import annotations
@@ -164,6 +165,12 @@ class Plan:
         return base + max(sum(self.components[c] for c in parts) for parts in self.working.values())
 
     @property
+    def learner_peak(self) -> int:
+        """The peak without the rollout engine (what the learner alone reaches: ``bench/memory.py``)."""
+        base = sum(self.components[c] for c in self.persistent if c != "rollout engine")
+        return base + max(sum(self.components[c] for c in self.working[k]) for k in ("update", "optimizer step"))
+
+    @property
     def headroom(self) -> int | None:
         return None if self.gpu_bytes is None else self.gpu_bytes - self.peak
 
@@ -201,7 +208,7 @@ def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, 
     c["gathered"] = (s.root_params + 2 * unit) * bc + unit * 4 if fsdp else 0
     c["autocast copies"] = (s.params - (0 if s.tied else s.embed_params)) * bc if (mixed and not fsdp) else 0
     c["reference"] = (s.params * bc // shard) if cfg.algo.kl_coef > 0 else 0
-    c["rollout"] = rollout_bytes(cfg, s, w, gpu_gib, bc)
+    c["rollout engine"], c["rollout cache"] = rollout_bytes(cfg, s, w, gpu_gib, bc, device)
     c["loss"] = loss_bytes(s, w, bc, device)
     c["activations"] = activation_bytes(s, w, bc, cfg.train.activation_checkpointing)
     largest = max(s.layer_params, s.block_params, s.embed_params)
@@ -210,31 +217,35 @@ def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, 
              f"{w.completion_tokens} completion tokens"]  # fmt: skip
     return Plan(
         components=c,
-        persistent=("weights", "gradients", "optimizer", "reference", "rollout"),
-        working={"update": ("gathered", "autocast copies", "loss", "activations"), "optimizer step": ("optimizer step",)},
+        persistent=("weights", "gradients", "optimizer", "reference", "rollout engine"),
+        working={"update": ("gathered", "autocast copies", "loss", "activations"), "optimizer step": ("optimizer step",),
+                 "sampling": ("rollout cache",)},  # fmt: skip
         gpu_bytes=int(gpu_gib * GIB) if gpu_gib else None,
         host=host,
         notes=notes,
     )
 
 
-def rollout_bytes(cfg: Config, s: Shape, w: Workload, gpu_gib: float | None, bc: int) -> int:
-    """The rollout engine's bytes on the GPU (module docstring)."""
+def rollout_bytes(cfg: Config, s: Shape, w: Workload, gpu_gib: float | None, bc: int, device: str) -> tuple[int, int]:
+    """The rollout engine's bytes on the GPU: (held through the step, held only while sampling)
+    (module docstring)."""
     r = cfg.rollout
     if r.backend == "vllm":
-        return int(r.vllm.gpu_memory_utilization * (gpu_gib or 0) * GIB)
+        share = int(r.vllm.gpu_memory_utilization * (gpu_gib or 0) * GIB)
+        sleeps = r.vllm.sleep if r.vllm.sleep is not None else device == "cuda"
+        return (0, share) if sleeps else (share, 0)
     seq = w.tokens // max(1, w.sequences)
     chunk = 64  # HFRollout's sequences per generate call
     kv_cache = 2 * s.layers * s.kv * chunk * (-(-seq // 256) * 256) * bc
     replica = r.hf.replica if r.hf.replica is not None else cfg.model.backend == "fsdp"
-    return kv_cache + (s.params * BYTES[r.hf.dtype] if replica else 0)
+    return (s.params * BYTES[r.hf.dtype] if replica else 0), kv_cache
 
 
 def fixes(cfg: Config, shape: Shape, gpus: int, gpu_gib: float) -> list[str]:
     """Overrides that would make ``cfg`` fit, each alone (the first that does, in this order)."""
     options = []
     if cfg.model.backend != "fsdp":
-        options.append(["model.backend=fsdp", "rollout.hf.replica=true"])
+        options.append(["model.backend=fsdp"] + (["rollout.hf.replica=true"] if cfg.rollout.backend == "hf" else []))
     if not cfg.train.activation_checkpointing:
         options.append(["train.activation_checkpointing=true"])
     if cfg.model.backend == "fsdp" and not cfg.fsdp.offload:
@@ -290,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu-gib", type=float, default=80.0)
-    parser.add_argument("--model-config", help="a config.json / checkpoint dir (default: model.path, else the preset)")
+    parser.add_argument("--model-config", help="a config.json / checkpoint dir (default: model.path)")
+    parser.add_argument("--preset", choices=("qwen2.5-vl-3b", "qwen2.5-vl-7b"),
+                        help="the architecture of a built-in preset instead (no checkpoint needed)")
     parser.add_argument("--patches", type=int, default=1024, help="vision patches per image (14 px each side)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*")
@@ -300,14 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    source = args.model_config or cfg.model.path
-    if source:
+    preset = args.preset or (None if (args.model_config or cfg.model.path) else cfg.model.preset)
+    if preset is None:
+        source = args.model_config or cfg.model.path
+        if not Path(source).exists():
+            print(f"{source}: no such checkpoint here; give --model-config DIR or --preset NAME", file=sys.stderr)
+            return 2
         hf_config = AutoConfig.from_pretrained(source)
     else:
         from .models.presets import real_shape_config
         from .models.tiny import train_tokenizer
 
-        hf_config = real_shape_config(cfg.model.preset, train_tokenizer(["plan"]))
+        hf_config = real_shape_config(preset, train_tokenizer(["plan"]))
     shape = Shape.of(hf_config)
     p = plan(cfg, shape, gpus=args.gpus, gpu_gib=args.gpu_gib, patches_per_image=args.patches)
     if args.json:

@@ -20,7 +20,8 @@ from .eval.evaluate import format_table
 from .parallel.world import init_world
 from .provenance import provenance
 from .tasks import prepare_base_model
-from .trainer import NonFiniteError, Trainer
+from .nonfinite import NonFiniteError
+from .trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,36 +3,27 @@
     sample -> rollout -> score -> gold -> advantages -> (reference log-probs) -> learner update
     -> weight sync -> log / evaluate / checkpoint
 
-One ``Trainer`` runs every registered paradigm (``algo.paradigms``): the step's phase says
-whether it samples rollouts and whether the gold joins the group. It holds one learner
-(``learners.build_learner``: ``hf`` or ``megatron``) and one rollout engine
-(``rollout.build_rollout``), both chosen at construction, and never asks which.
-Data parallel: each rank takes 1/dp of the step's prompts (dp: the learner's data-parallel
-view of the world), the loss weights are normalised over the global batch, and the ranks of
-one model-parallel replica train on the same members (``learner.share``). The model to
-post-train must exist (``tasks.prepare_base_model``): building a trainer never trains. With
-``algo.kl_coef > 0`` a frozen copy of that model is the KL penalty's reference
-(``learners.build_reference``); its per-token log-probs of the members come from one no-grad
-fused pass a step. On CUDA the run's memory plan is checked first (``plan.check_memory``:
-``train.memory_check``). Every rank runs the learner's passes on the same number of micro-batches
-(``learners.lockstep_split``); evaluation rows are shared out over the ranks.
+One ``Trainer`` runs every registered paradigm (``algo.paradigms``: the step's phase says what
+it trains on), with one learner (``learners.build_learner``) and one rollout engine
+(``rollout.build_rollout``), both chosen at construction and never asked which. Each rank
+takes 1/dp of the step's prompts (dp: the learner's data-parallel view of the world); loss
+weights are normalised over the global batch; the ranks of one model-parallel replica train on
+the same members (``learner.share``) and every rank runs the learner's passes on the same
+number of micro-batches (``learners.lockstep_split``). The base model must exist
+(``tasks.prepare_base_model``): building a trainer never trains. ``algo.kl_coef > 0`` adds the
+frozen reference's log-probs (``learners.build_reference``). On CUDA the memory plan is checked
+first (``plan.check_memory``). A non-finite loss or grad norm skips the optimizer step on every
+rank; ``nonfinite.SkipCounter`` counts it and stops the run after ``train.max_skipped_steps``.
 
-Non-finite guard: an optimizer step whose loss or grad norm is non-finite is skipped on every
-rank (``Learner.step``); the trainer counts it (``train/skipped_steps``, cumulative, kept in
-checkpoints), warns with the step and the members' sample ids, and after
-``train.max_skipped_steps`` consecutive skips stops with ``NonFiniteError`` before the step is
-checkpointed, so the last checkpoint is one from before the failure.
-
-``step`` returns the step's metrics, among them the wall time and peak memory of each phase
-(``time/<phase>``, ``mem/<phase>``: ``telemetry.PhaseTimer``; phases encode, rollout, reward,
-gold, reference, old_logprobs, update, sync) and this rank's token counts: ``tokens/generated``
-(the rollouts' completion tokens), ``tokens/trained`` (every member's completion tokens, the
-gold's included: the tokens with a loss) and ``tokens/prompt`` (the prompt tokens in front of
-them, once per member: the update's forward runs prompt + completion for each member).
+``step`` returns the step's metrics, among them each phase's wall time and peak memory
+(``time/<phase>``, ``mem/<phase>``: ``telemetry.PhaseTimer``) and this rank's token counts:
+``tokens/generated`` (rollout completions), ``tokens/trained`` (every member's completion, the
+gold's included) and ``tokens/prompt`` (the prompt in front of each member).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -43,7 +34,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .algo.gold import make_gold
-from .algo.members import Members, build_members, sequence_weights
+from .algo.members import Members, member_weights, part_counts
 from .algo.paradigms import GroupRewards, Phase, get_paradigm
 from .algo.update_stats import UpdateStats
 from .config import Config
@@ -60,13 +51,10 @@ from .rng import seed_everything
 from .rollout import build_rollout
 from .tasks import base_model_path, load_task
 from .tasks.shapes.probe import probe_row_metrics
+from .nonfinite import NonFiniteError, SkipCounter
 from .telemetry import MetricsLogger, PhaseTimer
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-    """``train.max_skipped_steps`` consecutive optimizer steps had a non-finite loss or grad norm."""
 
 
 class Trainer:
@@ -93,12 +81,13 @@ class Trainer:
         self.batching = Batching(pack=t.pack and self.learner.packs, vision_once=t.vision_once,
                                  max_tokens=t.max_tokens_per_micro_batch, max_seqs=t.micro_batch_size)  # fmt: skip
         self.paradigm = get_paradigm(cfg.algo.paradigm)
+        self.knobs = dataclasses.asdict(cfg.algo)  # what the paradigm's phases read
         self.sft_steps = cfg.algo.sft_steps if cfg.algo.sft_steps >= 0 else t.steps // 2
         self.sampler = PromptSampler(len(self.data.train), t.seed)
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.start_step, self.base_eval, self.final_eval = 0, None, None
-        self.skips = {"total": 0, "consecutive": 0}  # skipped optimizer steps (non-finite guard)
+        self.skips = SkipCounter(t.max_skipped_steps, world.rank)  # the non-finite guard's skipped steps
         self._resume()
         self.rollout = build_rollout(cfg, self.policy, path, self.learner, self.batching)  # holds the resumed weights
         self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume_step=self.start_step or None)
@@ -117,7 +106,7 @@ class Trainer:
         state = ckpt.load_checkpoint(latest, self.learner, self.world.rank)
         self.sampler.load(state["sampler"])
         self.start_step, self.base_eval = state["step"], state.get("base_eval")
-        self.skips = state.get("skips", self.skips)
+        self.skips.load(state.get("skips", self.skips.state()))
         if self.start_step == self.cfg.train.steps:
             self.final_eval = state.get("final_eval")
         log.info("resumed from %s at step %d", latest, self.start_step)
@@ -128,6 +117,7 @@ class Trainer:
         timer = PhaseTimer(self.world.device)
         phase = self.paradigm.phase(step, self.sft_steps)
         m: dict[str, float] = {"phase/sft": float(phase.name == "sft"), "reward/failures": 0.0}
+        scales = phase.scales(step, self.knobs)
         with timer("data"):
             rows, m["data/bad_images"] = self._rows(step)
         with timer("encode"):
@@ -153,9 +143,11 @@ class Trainer:
             m["adv/gold"] = gold_adv.mean().item()
         if rollout_adv is not None:
             m["adv/rollout_abs"] = rollout_adv.abs().mean().item()
-        members = build_members(rollouts, rollout_adv, gold_tokens, gold_adv, rollout_logp=rollout_logp,
-                                gold_logprob_loss=phase.gold_logprob_loss(a.gold_loss))  # fmt: skip
-        members = self.learner.share(members)
+        members = self.learner.share(phase.members(self.knobs, rewards, rollouts, rollout_adv, gold_tokens, gold_adv,
+                                                   rollout_logp))  # fmt: skip
+        m |= {"members/rollouts": float((~members.gold).sum()), "members/gold": float(members.gold.sum())}
+        if len(scales) > 1:
+            m["loss/sft_scale"] = scales[1]
         if self.reference is not None:
             with timer("reference"):
                 ref = self.reference.logprobs(prompts, members.prompt.tolist(), members.tokens, self.batching)
@@ -165,13 +157,13 @@ class Trainer:
                 old = self.learner.logprobs(prompts, members.prompt.tolist(), members.tokens, self.batching)
                 members.old_logp = list(torch.split(old, members.lengths.tolist()))
         with timer("update"):
-            m |= self._update(step, prompts, members, members.labels([r.id for r in rows]))
+            m |= self._update(step, prompts, members, members.labels([r.id for r in rows]), scales)
         with timer("sync"):
             self.rollout.sync_weights(self.learner.export_weights())
         lengths, gold = members.lengths.numpy(), members.gold.numpy()
-        m["len/rollout"] = float(np.mean(lengths[~gold])) if rollouts else float("nan")
-        m["len/gold"] = float(np.mean(lengths[gold])) if gold_tokens else float("nan")
-        m["tokens/generated"] = float(lengths[~gold].sum())
+        m["len/rollout"] = float(np.mean(lengths[~gold])) if (~gold).any() else float("nan")
+        m["len/gold"] = float(np.mean(lengths[gold])) if gold.any() else float("nan")
+        m["tokens/generated"] = float(sum(len(c) for group in rollouts for c in group)) if rollouts else 0.0
         m["tokens/trained"] = float(lengths.sum())
         m["tokens/prompt"] = float(sum(len(prompts.input_ids[p]) for p in members.prompt.tolist()))
         m["lr"] = self.learner.lr
@@ -198,7 +190,8 @@ class Trainer:
         reward = sb.total.view(len(rows), g)
         m = {f"reward/{n}": float(v) for n, v in zip(sb.names, sb.components.mean(0))}
         m |= {"reward/rollout_mean": reward.mean().item(), "reward/rollout_max": reward.max(1).values.mean().item()}
-        return [flat[b * g : (b + 1) * g] for b in range(len(rows))], GroupRewards(len(rows), reward), m, len(sb.failures)
+        solved = self.spec.solved(sb.components).view(len(rows), g)
+        return [flat[b * g : (b + 1) * g] for b in range(len(rows))], GroupRewards(len(rows), reward, solved=solved), m, len(sb.failures)
 
     def _gold(self, phase: Phase, rows: list[Row], prompts: Prompts, texts, rewards: GroupRewards):
         """The gold's tokens, the group rewards with the gold's, its metrics and failure count."""
@@ -208,21 +201,23 @@ class Trainer:
             tokens = [self.policy.encode_text(c) for c in candidates]
             return [float(x.mean()) for x in self.rollout.logprobs(prompts, idx, tokens)]
 
+        c = phase.controls  # off: the gold in the dataset's style, scored raw
         gold = make_gold(
             self.spec, [r.solution for r in rows], [r.id for r in rows], texts, rewards.rollout,
-            align=a.align, align_style=a.align_style, eliminate=a.eliminate, smooth=a.smooth,
+            align=a.align and c, align_style=a.align_style, eliminate=a.eliminate and c, smooth=a.smooth and c,
             scored=phase.scored_gold, loglik=loglik,
         )  # fmt: skip
         m = {"gold/aligned_share": float(np.mean([s != self.spec.dataset_style for s in gold.styles]))}
         if phase.scored_gold:
             m |= {"reward/gold": gold.rewards.mean().item(), "gold/smooth_rate": gold.smoothed.float().mean().item()}
-            rewards = GroupRewards(len(rows), rewards.rollout, gold.rewards, gold.smoothed)
+            rewards = GroupRewards(len(rows), rewards.rollout, gold.rewards, gold.smoothed, rewards.solved)
         return [self.policy.encode_text(t) for t in gold.texts], rewards, m, gold.failures
 
-    def _update(self, step: int, prompts: Prompts, members: Members, labels: list[str]) -> dict[str, float]:
-        """``algo.updates_per_step`` optimizer steps over ``members`` (sample ids ``labels``), in
-        micro-batches (with more than one, against the pre-update log-probs ``step`` put in
-        ``members.old_logp``).
+    def _update(self, step: int, prompts: Prompts, members: Members, labels: list[str],
+                scales: tuple[float, ...]) -> dict[str, float]:  # fmt: skip
+        """``algo.updates_per_step`` optimizer steps over ``members`` (sample ids ``labels``; loss
+        parts scaled by ``scales``), in micro-batches (with more than one, against the pre-update
+        log-probs ``step`` put in ``members.old_logp``).
 
         With the engine's sampling log-probs it also measures the rollout/trainer mismatch on
         this rank's rollout tokens (``algo.mismatch``) against the pre-update log-probs: the
@@ -231,9 +226,8 @@ class Trainer:
         stats_of_update = UpdateStats(a.kl_estimator, self.loss_spec.tis_cap)
         for chunk in np.array_split(np.arange(len(members)), a.updates_per_step):
             part = members.select(chunk.tolist())
-            counts = all_reduce_sum(torch.tensor([len(part), int(part.lengths.sum())], dtype=torch.float64), self.dp)
-            weights = sequence_weights(part.lengths, a.aggregation, num_seqs=int(counts[0]), num_tokens=int(counts[1]),
-                                       max_len=cfg.rollout.max_new_tokens)  # fmt: skip
+            counts = all_reduce_sum(part_counts(part, len(scales)), self.dp)
+            weights = member_weights(part, a.aggregation, counts, scales, cfg.rollout.max_new_tokens)
             tokens = (part.lengths + torch.tensor([len(prompts.input_ids[p]) for p in part.prompt.tolist()])).tolist()
             micro = [(part.select(r), weights[r.start : r.stop]) for r in lockstep_split(self.batching, tokens, self.dp)]
             batches = [make_micro_batch(self.policy, prompts, x, w, self.batching) for x, w in micro]
@@ -243,20 +237,9 @@ class Trainer:
                 stats_of_update.add(x, loss, stats)
             update = self.learner.step(cfg.train.grad_clip, loss_finite=finite)
             stats_of_update.add_step(update.grad_norm)
-            self._count_skip(step, update.skipped, update.grad_norm, [labels[j] for j in chunk])
+            self.skips.count(step, update.skipped, update.grad_norm, [labels[j] for j in chunk])
         out = stats_of_update.metrics(a.updates_per_step)
-        return out | {"train/skipped_steps": self.skips["total"]}
-
-    def _count_skip(self, step: int, skipped: bool, grad_norm: float, labels: list[str]) -> None:
-        """Count an optimizer step of ``step`` the guard skipped, naming its members on this rank."""
-        if not skipped:
-            self.skips["consecutive"] = 0
-            return
-        self.skips["total"] += 1
-        self.skips["consecutive"] += 1
-        log.warning("step %d: non-finite loss or grad norm (%s): optimizer step skipped (%d in a row, %d in the run); "
-                    "members on rank %d: %s", step + 1, grad_norm, self.skips["consecutive"], self.skips["total"],
-                    self.world.rank, ", ".join(labels))  # fmt: skip
+        return out | {"train/skipped_steps": self.skips.total}
 
     # -- the run --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -271,7 +254,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Checkpoint ``step``, after making the metrics logged so far durable (``telemetry``)."""
         state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval,
-                 "final_eval": self.final_eval, "skips": self.skips, "config": self.cfg.to_dict()}  # fmt: skip
+                 "final_eval": self.final_eval, "skips": self.skips.state(), "config": self.cfg.to_dict()}  # fmt: skip
         self.metrics.sync()
         ckpt.save(self.ckpt_root, step, self.learner, state, self.world, keep=self.cfg.train.keep_checkpoints)
 
@@ -296,15 +279,11 @@ class Trainer:
             self.metrics.log(step + 1, m)
             bar.set_postfix(reward=f"{m.get('reward/rollout_mean', float('nan')):.2f}", loss=f"{m['loss']:.3f}")
             done = step + 1
-            if self.skips["consecutive"] >= t.max_skipped_steps:
+            try:
+                self.skips.check(done, ckpt.latest_checkpoint(self.ckpt_root))
+            except NonFiniteError:
                 self.metrics.close()
-                raise NonFiniteError(
-                    f"{self.skips['consecutive']} consecutive optimizer steps (the last in step {done}) had a non-finite "
-                    f"loss or grad norm (train.max_skipped_steps={t.max_skipped_steps}); the warnings above name their "
-                    f"members. Stopped before checkpointing; the last checkpoint, "
-                    f"{ckpt.latest_checkpoint(self.ckpt_root) or '(none yet)'}, is intact: fix the cause and resume "
-                    "with train.resume=true"
-                )
+                raise
             if done == t.steps:
                 self.final_eval = self.evaluate()
                 self.metrics.log(done, {f"eval/{k}": v for k, v in self.final_eval.items()})

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from visurf_kernels import IGNORE_INDEX, LossSpec, policy_loss_from_logp
+from visurf_kernels import IGNORE_INDEX, OBJECTIVES, LossSpec, policy_loss_from_logp
 from visurf_kernels.function import policy_loss
 from visurf_kernels.reference import fused_policy_loss_reference
 
@@ -39,6 +39,11 @@ CASES = {
     "fp32-kl-k3": (108, 39, 24, 211, torch.float32, {"kl_coef": 0.1, "kl_estimator": "k3", "logprob_frac": 0.2}),
     "fp64-kl-k2-dual": (109, 27, 16, 97, torch.float64, {"kl_coef": 0.5, "kl_estimator": "k2", "dual_clip": 3.0}),
     "bf16-kl-k1": (110, 45, 32, 259, torch.bfloat16, {"kl_coef": 0.05, "kl_estimator": "k1"}),
+    # every per-token objective (ppo, logprob, shaped, dft, phi) mixed in one batch
+    "fp64-objectives": (111, 43, 18, 137, torch.float64, {"objective_frac": 0.7, "dual_clip": 3.0}),
+    "fp32-objectives": (112, 51, 24, 229, torch.float32, {"objective_frac": 0.7, "kl_coef": 0.1}),
+    "bf16-objectives": (113, 45, 32, 259, torch.bfloat16, {"objective_frac": 0.8, "temperature": 0.9}),
+    "fp32-extreme-objectives": (114, 33, 20, 173, torch.float32, {"objective_frac": 0.7, "logit_scale": 2500.0}),
 }
 
 
@@ -55,7 +60,7 @@ class Case:
     old_logp: torch.Tensor | None  # [N] float32 (None: on-policy)
     adv: torch.Tensor  # [N] float32
     w: torch.Tensor  # [N] float32, 0 on masked rows
-    logprob_mask: torch.Tensor | None  # [N] bool
+    objective: torch.Tensor | None  # [N] bool (logprob where True) or int64 codes of OBJECTIVES
     spec: LossSpec = field(default_factory=LossSpec)  # temperature, clip range, dual clip, entropy, KL
     ref_logp: torch.Tensor | None = None  # [N] float32, the KL penalty's reference (when spec.kl_coef > 0)
 
@@ -65,8 +70,8 @@ class Case:
         return (h, wt, self.targets, self.old_logp, self.adv, self.w)
 
     def args(self, hidden=None, lm_weight=None, **spec_changes):
-        """Positional arguments of ``fused_policy_loss``: inputs, spec (with changes), mask."""
-        return (*self.inputs(hidden, lm_weight), self.spec.replace(**spec_changes), self.logprob_mask)
+        """Positional arguments of ``fused_policy_loss``: inputs, spec (with changes), objective."""
+        return (*self.inputs(hidden, lm_weight), self.spec.replace(**spec_changes), self.objective)
 
 
 def make_case(
@@ -84,6 +89,8 @@ def make_case(
     ignore_frac: float = 0.1,
     masked_frac: float = 0.2,
     logprob_frac: float = 0.0,
+    objective_frac: float = 0.0,
+    shaping_gamma: float = 0.1,
     argmax_frac: float = 0.3,
     with_entropy: bool = True,
     kl_coef: float = 0.0,
@@ -91,7 +98,9 @@ def make_case(
     margin: float = 0.02,
     device: str | torch.device = "cpu",
 ) -> Case:
-    """Random case; logits ``z`` have standard deviation ``logit_scale`` (max ~3-4x that)."""
+    """Random case; logits ``z`` have standard deviation ``logit_scale`` (max ~3-4x that).
+    ``logprob_frac``: that share of tokens takes the ``logprob`` objective (a bool mask);
+    ``objective_frac``: that share takes one of the non-``ppo`` objectives at random (int codes)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
     weight = torch.randn(v, h, generator=g, dtype=torch.float64) * (logit_scale * temperature / math.sqrt(h))
@@ -102,7 +111,10 @@ def make_case(
     targets[torch.rand(n, generator=g) < ignore_frac] = IGNORE_INDEX
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     w = torch.where(torch.rand(n, generator=g) < masked_frac, 0.0, 0.1 + torch.rand(n, generator=g, dtype=torch.float64))
-    logprob_mask = torch.rand(n, generator=g) < logprob_frac if logprob_frac > 0 else None
+    objective = torch.rand(n, generator=g) < logprob_frac if logprob_frac > 0 else None
+    if objective_frac > 0:
+        picked = torch.randint(1, len(OBJECTIVES), (n,), generator=g)
+        objective = torch.where(torch.rand(n, generator=g) < objective_frac, picked, 0)
 
     safe = targets.clamp(min=0)
     logp = z.gather(1, safe[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
@@ -116,7 +128,8 @@ def make_case(
     ref_logp = logp + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) if kl_coef else None  # a nearby policy
 
     spec = LossSpec(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                    with_entropy=with_entropy, kl_coef=kl_coef, kl_estimator=kl_estimator)  # fmt: skip
+                    with_entropy=with_entropy, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                    shaping_gamma=shaping_gamma)  # fmt: skip
     dev = torch.device(device)
     return Case(
         hidden.to(dev),
@@ -125,7 +138,7 @@ def make_case(
         old_logp.float().to(dev),
         adv.float().to(dev),
         w.float().to(dev),
-        logprob_mask.to(dev) if logprob_mask is not None else None,
+        objective.to(dev) if objective is not None else None,
         spec,
         ref_logp.float().to(dev) if ref_logp is not None else None,
     )
@@ -137,7 +150,7 @@ def oracle(case: Case) -> dict:
     wt = case.lm_weight.detach().double().requires_grad_()
     ref_logp = case.ref_logp.double() if case.ref_logp is not None else None
     loss, stats = fused_policy_loss_reference(h, wt, case.targets, case.old_logp, case.adv, case.w, case.spec,
-                                              case.logprob_mask, ref_logp=ref_logp)  # fmt: skip
+                                              case.objective, ref_logp=ref_logp)  # fmt: skip
     loss.backward()
     valid = case.targets != IGNORE_INDEX
     _, loss_t, _ = policy_loss_from_logp(
@@ -146,7 +159,7 @@ def oracle(case: Case) -> dict:
         case.adv.double(),
         case.w.double(),
         case.spec,
-        case.logprob_mask,
+        case.objective,
         ref_logp=ref_logp,
     )
     with torch.no_grad():

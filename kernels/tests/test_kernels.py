@@ -16,12 +16,14 @@ import torch
 
 from visurf_kernels import (
     BACKENDS,
+    OBJECTIVES,
     FusedPolicyLoss,
     LossSpec,
     fused_logprobs,
     fused_logprobs_grad,
     fused_policy_loss,
     kl_penalty,
+    policy_loss_from_logp,
     resolve_backend,
     truncated_is_ratio,
 )
@@ -197,7 +199,7 @@ def test_module_wrapper():
     assert "dual_clip=3.0" in repr(module) and not list(module.parameters())
     h = case.hidden.clone().requires_grad_()
     wt = case.lm_weight.clone().requires_grad_()
-    loss, stats = module(*case.inputs(h, wt), logprob_mask=case.logprob_mask)
+    loss, stats = module(*case.inputs(h, wt), objective=case.objective)
     loss.backward()
     compare({"loss": loss.detach(), "dh": h.grad, "dw": wt.grad, **stats}, oracle(case), torch.float32)
 
@@ -242,3 +244,51 @@ def test_kl_coef_zero_is_bit_identical_and_kl_needs_a_reference():
         fused_policy_loss(*case.args(backend="torch", kl_coef=0.1))
     with pytest.raises(ValueError, match="kl_estimator"):
         LossSpec(kl_estimator="k4")
+
+
+def _closed_form(name: str, logp, old, adv, spec: LossSpec):
+    """Each objective's ``obj_t`` and ``d obj_t / d logp_t``, written out (``reference`` docstring)."""
+    p, rho = torch.exp(logp), torch.exp(logp - old)
+    if name == "ppo":
+        lo, hi = 1 - spec.eps_low, 1 + spec.eps_high
+        clipped = torch.where(adv >= 0, rho > hi, rho < lo)
+        return torch.where(clipped, rho.clamp(lo, hi) * adv, rho * adv), torch.where(clipped, 0.0, rho * adv)
+    g = spec.shaping_gamma
+    return {
+        "logprob": (adv * logp, adv),
+        "shaped": (adv * p / (p + g), adv * g * p / (p + g) ** 2),
+        "dft": (adv * p * logp, adv * p),
+        "phi": (adv * p * (1 - p) * logp, adv * p * (1 - p)),
+    }[name]
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_each_objective_against_its_closed_form(name):
+    """Value and gradient of every per-token objective on random float64 log-probs (from ~0 to
+    -40: probabilities from ~1 to ~4e-18) against the formulas, for every token given that code."""
+    g = torch.Generator().manual_seed(7 + OBJECTIVES.index(name))
+    n = 57
+    logp = -(torch.rand(n, generator=g, dtype=torch.float64) ** 3) * 40
+    old = logp - (torch.rand(n, generator=g, dtype=torch.float64) - 0.5)  # ratios in [0.6, 1.65]: clipped and not
+    adv, w = torch.randn(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    spec = LossSpec(eps_low=0.2, eps_high=0.28, shaping_gamma=0.17)
+    lp = logp.clone().requires_grad_()
+    codes = torch.full((n,), OBJECTIVES.index(name))
+    loss, loss_t, clipped = policy_loss_from_logp(lp, old, adv, w, spec, codes)
+    (grad,) = torch.autograd.grad(loss, lp)
+    obj, dobj = _closed_form(name, logp, old, adv, spec)
+    torch.testing.assert_close(loss_t, -obj, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(loss, (w * -obj).sum(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad, -w * dobj, rtol=1e-12, atol=1e-15)
+    assert clipped.any() == (name == "ppo")  # only the surrogate clips (and these ratios reach its clip)
+
+
+def test_a_bool_objective_is_the_logprob_mask():
+    g = torch.Generator().manual_seed(3)
+    logp, adv, w = -torch.rand(20, generator=g).double() * 5, torch.randn(20, generator=g).double(), torch.rand(20).double()
+    mask = torch.rand(20, generator=g) < 0.5
+    a = policy_loss_from_logp(logp, logp, adv, w, LossSpec(), mask)
+    b = policy_loss_from_logp(logp, logp, adv, w, LossSpec(), mask.long())
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match=r"objective must be \[N\] = \[20\]"):
+        policy_loss_from_logp(logp, logp, adv, w, LossSpec(), mask[:5])

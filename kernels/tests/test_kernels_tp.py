@@ -21,7 +21,7 @@ from visurf_kernels import fused_logprobs, fused_policy_loss
 from kernel_testing import make_case, shard_bounds, tp_worker
 
 WORLD = 2
-CASE = {"seed": 2024, "n": 37, "h": 24, "v": 203, "dtype": torch.float32, "temperature": 0.8, "dual_clip": 3.0, "logprob_frac": 0.2}
+CASE = {"seed": 2024, "n": 37, "h": 24, "v": 203, "dtype": torch.float32, "temperature": 0.8, "dual_clip": 3.0, "objective_frac": 0.6}
 RUNS = {
     "torch": ("torch", None),
     "torch-tiled": ("torch", {"block_vocab": 32, "chunk_tokens": 16}),

@@ -3,9 +3,11 @@
 Public API (``docs/design.md`` §2 of visurf-engine); every entry point takes a ``LossSpec``,
 the loss options held once (``spec``):
 
-- ``fused_policy_loss(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask=None,
+- ``fused_policy_loss(hidden, lm_weight, targets, old_logp, adv, w, spec, objective=None,
   *, tp_group=None, vocab_start=0) -> (loss, stats)``:
-  scalar ``sum_t w_t * loss_t``; gradients flow to ``hidden`` and ``lm_weight``; ``stats``
+  scalar ``sum_t w_t * loss_t``, each token's objective chosen by ``objective[N]`` (codes of
+  ``OBJECTIVES``: ``ppo``, ``logprob``, ``shaped``, ``dft``, ``phi``; a bool mask: ``logprob``
+  where True; None: ``ppo``); gradients flow to ``hidden`` and ``lm_weight``; ``stats``
   holds ``logp[N]`` (float32), ``clipped[N]`` (bool) and, with ``with_entropy``,
   ``entropy[N]`` (float32, no gradient).
 - ``fused_logprobs(hidden, lm_weight, targets, spec, *, tp_group=None, vocab_start=0)
@@ -13,7 +15,7 @@ the loss options held once (``spec``):
   ``fused_logprobs_grad`` (same arguments): ``logp`` with a gradient, for stacks whose loss
   takes log-probs.
 - ``FusedPolicyLoss(spec)``: ``nn.Module`` wrapper holding the spec, for other stacks (TRL, verl).
-- ``policy_loss_from_logp(logp, old_logp, adv, w, spec, logprob_mask=None, *, ref_logp=None,
+- ``policy_loss_from_logp(logp, old_logp, adv, w, spec, objective=None, *, ref_logp=None,
   rollout_logp=None)``: the elementwise objective on given log-probs (what every backend and
   other stacks' loss hooks share); ``kl_penalty`` and ``truncated_is_ratio``: its KL term
   (``spec.kl_coef``) and TIS weight (``spec.tis_cap``) on their own.
@@ -40,8 +42,8 @@ import torch
 
 from . import function
 from .chunked import TorchTiles
-from .reference import (fused_policy_loss_reference, kl_penalty, logprobs_reference, policy_loss_from_logp,
-                        truncated_is_ratio)  # fmt: skip
+from .reference import (OBJECTIVES, fused_policy_loss_reference, kl_penalty, logprobs_reference,
+                        policy_loss_from_logp, truncated_is_ratio)  # fmt: skip
 from .spec import BACKENDS, IGNORE_INDEX, LossSpec
 
 
@@ -76,25 +78,26 @@ def fused_policy_loss(
     adv: torch.Tensor,
     w: torch.Tensor,
     spec: LossSpec = LossSpec(),
-    logprob_mask: torch.Tensor | None = None,
+    objective: torch.Tensor | None = None,
     *,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
     tp_group=None,
     vocab_start: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Scalar ``sum_t w_t * loss_t`` of the PPO-clip / log-prob objective (plus the KL penalty
-    against ``ref_logp[N]`` when ``spec.kl_coef > 0``); see ``reference``. ``rollout_logp[N]``
+    """Scalar ``sum_t w_t * loss_t`` of each token's objective (``objective[N]``: PPO-clip by
+    default; see ``reference``) plus the KL penalty against ``ref_logp[N]`` when
+    ``spec.kl_coef > 0``. ``rollout_logp[N]``
     (NaN: not sampled by the engine) enters only with ``spec.tis_cap`` (truncated IS weights).
 
     ``old_logp=None``: on-policy (``old_logp = logp`` detached, ``rho = 1``).
     """
     name = resolve_backend(spec.backend, hidden, tp_group)
     if name == "reference":
-        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask,
+        return fused_policy_loss_reference(hidden, lm_weight, targets, old_logp, adv, w, spec, objective,
                                            ref_logp=ref_logp, rollout_logp=rollout_logp)  # fmt: skip
     return function.policy_loss(
-        _engine(name, hidden.dtype), hidden, lm_weight, targets, old_logp, adv, w, spec, logprob_mask,
+        _engine(name, hidden.dtype), hidden, lm_weight, targets, old_logp, adv, w, spec, objective,
         ref_logp=ref_logp, rollout_logp=rollout_logp, tp_group=tp_group, vocab_start=vocab_start,
     )  # fmt: skip
 
@@ -143,6 +146,7 @@ from .module import FusedPolicyLoss  # noqa: E402  (uses fused_policy_loss)
 
 __all__ = [
     "LossSpec",
+    "OBJECTIVES",
     "fused_policy_loss",
     "fused_logprobs",
     "fused_logprobs_grad",

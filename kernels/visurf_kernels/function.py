@@ -3,7 +3,7 @@ gradients during the forward pass.
 
 Shapes: ``hidden[N, H]``, ``lm_weight[V_local, H]`` (rows ``vocab_start ..`` of the full
 vocabulary), per-token ``targets[N]``, ``old_logp[N]`` (or None: on-policy, ``rho = 1``),
-``adv[N]``, ``w[N]``, optional bool ``logprob_mask[N]`` and the optional per-token log-probs
+``adv[N]``, ``w[N]``, the optional per-token ``objective[N]`` codes and the optional per-token log-probs
 ``TokenRefs(ref_logp[N], rollout_logp[N])`` of the KL penalty's reference policy
 (``spec.kl_coef > 0``) and of the rollout engine (TIS weights, ``spec.tis_cap``). Math:
 ``reference.py``;
@@ -14,7 +14,7 @@ forward pass (Liger's trick) and ``backward`` only scales them by the upstream g
 
     g_t        = dL / dlogp_t          (autograd of ``policy_loss_from_logp`` on [n] vectors:
                                         -w_t rho_t A_t unclipped, 0 clipped or dual-clipped,
-                                        -w_t A_t on ``logprob_mask`` rows)
+                                        -w_t A_t on ``logprob`` rows; each objective's own)
     dL/dy_t,v  = (g_t / T) (onehot(target_t)_v - softmax(z_t)_v)
     d hidden   = dL/dy @ lm_weight,     d lm_weight = (dL/dy)^T @ hidden
 
@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .reference import policy_loss_from_logp
+from .reference import objective_codes, policy_loss_from_logp
 from .spec import LossSpec
 from .vocab_parallel import min_over_group, reduce_row_stats
 
@@ -147,7 +147,7 @@ def _grad_buffers(hidden, weight, n_rows: int, chunk: int, need_dh: bool, need_d
 
 
 def policy_loss_forward(
-    engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, refs: TokenRefs, spec: LossSpec, shard: Shard,
+    engine, hidden, weight, targets, old_logp, adv, w, objective, refs: TokenRefs, spec: LossSpec, shard: Shard,
     need_dh: bool, need_dw: bool,
 ):  # fmt: skip
     """Loss, per-token stats, and (as requested) ``d hidden``, ``d lm_weight`` of the loss."""
@@ -158,13 +158,14 @@ def policy_loss_forward(
     old_logp = old_logp.to(cd) if old_logp is not None else None
     adv = adv.to(cd)
     w = torch.where(valid, w.to(cd), 0.0)
+    objective = objective_codes(objective, len(targets), targets.device)
 
     def dlogp(idx, logp):
         with torch.enable_grad():
             lp = logp.to(cd).detach().requires_grad_()
             old = old_logp[idx] if old_logp is not None else lp.detach()
-            mask = logprob_mask.index_select(0, idx) if logprob_mask is not None else None
-            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], spec, mask, **refs.select(idx, cd))
+            codes = objective.index_select(0, idx) if objective is not None else None
+            loss, _, _ = policy_loss_from_logp(lp, old, adv[idx], w[idx], spec, codes, **refs.select(idx, cd))
             (g,) = torch.autograd.grad(loss, lp)
         return g.to(logp.dtype)
 
@@ -178,15 +179,15 @@ def policy_loss_forward(
 
     old = old_logp if old_logp is not None else p.logp
     all_rows = torch.arange(len(targets), device=targets.device)
-    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, spec, logprob_mask, **refs.select(all_rows, cd))
+    loss, _, clipped = policy_loss_from_logp(p.logp, old, adv, w, spec, objective, **refs.select(all_rows, cd))
     return loss, p.logp, clipped & valid, p.entropy, dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
-def policy_loss(engine, hidden, weight, targets, old_logp, adv, w, spec: LossSpec, logprob_mask=None, *,
+def policy_loss(engine, hidden, weight, targets, old_logp, adv, w, spec: LossSpec, objective=None, *,
                 ref_logp=None, rollout_logp=None, tp_group=None, vocab_start: int = 0):  # fmt: skip
     """``fused_policy_loss`` on a given tile engine."""
     loss, logp, clipped, entropy = PolicyLossFunction.apply(
-        hidden, weight, targets, old_logp, adv, w, logprob_mask, TokenRefs(ref_logp, rollout_logp), engine, spec,
+        hidden, weight, targets, old_logp, adv, w, objective, TokenRefs(ref_logp, rollout_logp), engine, spec,
         Shard(tp_group, vocab_start), torch.is_grad_enabled(),
     )
     stats = {"logp": logp, "clipped": clipped}
@@ -244,7 +245,7 @@ class LogProbFunction(torch.autograd.Function):
 
 
 class PolicyLossFunction(torch.autograd.Function):
-    """``apply(hidden, lm_weight, targets, old_logp, adv, w, logprob_mask, refs, engine, spec, shard,
+    """``apply(hidden, lm_weight, targets, old_logp, adv, w, objective, refs, engine, spec, shard,
     grad_enabled)`` -> ``(loss, logp, clipped, entropy)``; entropy is empty unless requested.
 
     Gradients (to ``hidden`` and ``lm_weight`` only) are computed in ``forward`` -- only for
@@ -254,12 +255,12 @@ class PolicyLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old_logp, adv, w, logprob_mask, refs, engine, spec, shard,
+    def forward(ctx, hidden, weight, targets, old_logp, adv, w, objective, refs, engine, spec, shard,
                 grad_enabled):  # fmt: skip
         need_dh = grad_enabled and ctx.needs_input_grad[0]
         need_dw = grad_enabled and ctx.needs_input_grad[1]
         loss, logp, clipped, entropy, dh, dw = policy_loss_forward(
-            engine, hidden, weight, targets, old_logp, adv, w, logprob_mask, refs, spec, shard, need_dh, need_dw
+            engine, hidden, weight, targets, old_logp, adv, w, objective, refs, spec, shard, need_dh, need_dw
         )
         ctx.grads = (dh, dw)
         logp = logp.float()

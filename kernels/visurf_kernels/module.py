@@ -2,7 +2,7 @@
 
 It holds a ``LossSpec`` and, for a vocab-parallel LM head, where this rank's shard sits;
 ``forward(hidden[N, H], lm_weight[V_local, H], targets[N], old_logp[N], adv[N], w[N],
-logprob_mask=None, ref_logp=None, rollout_logp=None) -> (loss, stats)`` as
+objective=None, ref_logp=None, rollout_logp=None) -> (loss, stats)`` as
 ``fused_policy_loss``. It has no parameters: pass the LM head's weight
 (``model.lm_head.weight``) at call time.
 """
@@ -29,12 +29,12 @@ class FusedPolicyLoss(nn.Module):
         old_logp: torch.Tensor | None,
         adv: torch.Tensor,
         w: torch.Tensor,
-        logprob_mask: torch.Tensor | None = None,
+        objective: torch.Tensor | None = None,
         ref_logp: torch.Tensor | None = None,
         rollout_logp: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_policy_loss(
-            hidden, lm_weight, targets, old_logp, adv, w, self.spec, logprob_mask,
+            hidden, lm_weight, targets, old_logp, adv, w, self.spec, objective,
             ref_logp=ref_logp, rollout_logp=rollout_logp, tp_group=self.tp_group, vocab_start=self.vocab_start,
         )  # fmt: skip
 

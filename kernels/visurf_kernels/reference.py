@@ -5,21 +5,32 @@ other backend against it; the trainer may also use it (``loss.backend=reference`
 tiny models. It never runs vocab-parallel.
 
 Shapes: ``hidden[N, H]``, ``lm_weight[V, H]``, per-token ``targets[N]`` (int64),
-``old_logp[N]``, ``adv[N]``, ``w[N]`` and the optional bool ``logprob_mask[N]``.
+``old_logp[N]``, ``adv[N]``, ``w[N]`` and the optional per-token ``objective[N]`` (integer
+codes of ``OBJECTIVES``; a bool tensor means ``logprob`` where True, ``ppo`` elsewhere).
 ``old_logp=None`` means on-policy (one update per batch): ``old_logp = logp`` detached,
 so ``rho = 1`` and the old-log-prob pass can be skipped.
 
-Per token ``t`` (``z_t = hidden_t @ lm_weight^T / temperature``):
+Per token ``t`` (``z_t = hidden_t @ lm_weight^T / temperature``, ``p_t = exp(logp_t)``, ``sg``:
+stop-gradient):
 
     logp_t  = z_t[target_t] - logsumexp(z_t)
     H_t     = logsumexp(z_t) - sum_v softmax(z_t)_v * z_t,v
     rho_t   = exp(logp_t - old_logp_t)
-    obj_t   = min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t)
-    obj_t   = max(obj_t, c * A_t)        if dual_clip = c is set and A_t < 0
-    obj_t   = A_t * logp_t               if logprob_mask_t (SFT / ``gold_loss: logprob``)
+    obj_t   = by objective_t:
+      ppo      min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t),
+               max(., c A_t) if dual_clip = c is set and A_t < 0      (the default)
+      logprob  A_t logp_t                  (SFT; ViSurf's ``gold_loss: logprob``)
+      shaped   A_t p_t / (p_t + gamma)     (LUFFY's policy shaping of an off-policy token, the
+                                            behaviour probability taken as 1; no clip;
+                                            gamma = shaping_gamma)
+      dft      A_t sg(p_t) logp_t          (DFT's reward-rectified SFT)
+      phi      A_t sg(p_t (1 - p_t)) logp_t  (CHORD-phi's token weighting of SFT)
     loss_t  = -obj_t + beta * KL_t       (beta = kl_coef; KL against ref_logp, ``kl_penalty``)
     w_t     = w_t * min(exp(old_logp_t - rollout_logp_t), C)    if tis_cap = C is set (TIS)
     loss    = sum_t w_t * loss_t
+
+Their gradients in ``logp_t``: ``logprob`` ``A``; ``shaped`` ``A gamma p / (p + gamma)^2``;
+``dft`` ``A p``; ``phi`` ``A p (1 - p)``; ``ppo`` ``rho A`` unclipped, 0 clipped.
 
 **Truncated importance sampling** (``tis_cap``, ``truncated_is_ratio``). The rollout engine
 (e.g. vLLM in bf16, other kernels) samples token ``a_t`` from ``pi_rollout``, which is not
@@ -66,6 +77,18 @@ def truncated_is_ratio(train_logp: torch.Tensor, rollout_logp: torch.Tensor, cap
     return torch.where(torch.isnan(rollout_logp), torch.ones_like(ratio), ratio)
 
 
+OBJECTIVES = ("ppo", "logprob", "shaped", "dft", "phi")  # per-token objective codes 0, 1, 2, 3, 4
+
+
+def objective_codes(objective: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+    """``objective`` as int64 codes (a bool mask: ``logprob`` where True); None stays None."""
+    if objective is None:
+        return None
+    if objective.shape != (n,):
+        raise ValueError(f"objective must be [N] = [{n}], got {tuple(objective.shape)}")
+    return objective.to(device=device, dtype=torch.int64)
+
+
 def _surrogate(logp, old_logp, adv, spec: LossSpec):
     """Per-token PPO-clip objective and clip flags (all ``[N]``)."""
     ratio = torch.exp(logp - old_logp)
@@ -81,30 +104,51 @@ def _surrogate(logp, old_logp, adv, spec: LossSpec):
     return obj, clipped
 
 
+def token_objective(logp, old_logp, adv, spec: LossSpec, codes: torch.Tensor | None):
+    """Per-token objective ``obj_t`` and clip flags of the module docstring (``codes``: int64
+    ``OBJECTIVES`` codes, None: all ``ppo``). Each branch is evaluated only on its own tokens
+    (the others see a harmless 0), so no branch's non-finite value or gradient leaks."""
+    obj, clipped = _surrogate(logp, old_logp, adv, spec)
+    if codes is None:
+        return obj, clipped
+    zero = torch.zeros_like(logp)
+    for code, name in enumerate(OBJECTIVES[1:], 1):
+        mine = codes == code
+        lp = torch.where(mine, logp, zero)
+        p = torch.exp(lp)
+        if name == "logprob":
+            value = adv * lp
+        elif name == "shaped":
+            value = adv * p / (p + spec.shaping_gamma)
+        elif name == "dft":
+            value = adv * p.detach() * lp
+        else:  # phi
+            value = adv * (p * (1 - p)).detach() * lp
+        obj = torch.where(mine, value, obj)
+    return obj, clipped & (codes == 0)
+
+
 def policy_loss_from_logp(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     adv: torch.Tensor,
     w: torch.Tensor,
     spec: LossSpec,
-    logprob_mask: torch.Tensor | None = None,
+    objective: torch.Tensor | None = None,
     *,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, per-token loss and clip flags given per-token log-probs ``logp[N]``.
 
-    Shared by every backend: once ``logp`` is known the rest is elementwise (``spec``'s
-    clip range, dual clip, KL penalty, which needs ``ref_logp[N]`` when ``kl_coef > 0``, and
-    TIS cap, which uses ``rollout_logp[N]`` when ``tis_cap`` is set).
-    Returns ``(loss scalar, loss_t[N], clipped[N] bool)``.
+    Shared by every backend: once ``logp`` is known the rest is elementwise (each token's
+    objective, ``spec``'s clip range, dual clip, shaping gamma, KL penalty, which needs
+    ``ref_logp[N]`` when ``kl_coef > 0``, and TIS cap, which uses ``rollout_logp[N]`` when
+    ``tis_cap`` is set). Returns ``(loss scalar, loss_t[N], clipped[N] bool)``.
     """
     if spec.tis_cap is not None and rollout_logp is not None:
         w = w * truncated_is_ratio(old_logp, rollout_logp.to(old_logp.dtype), spec.tis_cap)
-    obj, clipped = _surrogate(logp, old_logp, adv, spec)
-    if logprob_mask is not None:
-        obj = torch.where(logprob_mask, adv * logp, obj)
-        clipped = clipped & ~logprob_mask
+    obj, clipped = token_objective(logp, old_logp, adv, spec, objective_codes(objective, logp.shape[0], logp.device))
     loss_t = -obj
     if spec.kl_coef:
         if ref_logp is None:
@@ -144,7 +188,7 @@ def fused_policy_loss_reference(
     adv: torch.Tensor,
     w: torch.Tensor,
     spec: LossSpec,
-    logprob_mask: torch.Tensor | None = None,
+    objective: torch.Tensor | None = None,
     *,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
@@ -158,7 +202,7 @@ def fused_policy_loss_reference(
     valid = targets != spec.ignore_index
     w = torch.where(valid, w.to(dtype), torch.zeros((), dtype=dtype, device=w.device))
     old = logp.detach() if old_logp is None else old_logp.to(dtype)
-    loss, _, clipped = policy_loss_from_logp(logp, old, adv.to(dtype), w, spec, logprob_mask, ref_logp=ref_logp,
+    loss, _, clipped = policy_loss_from_logp(logp, old, adv.to(dtype), w, spec, objective, ref_logp=ref_logp,
                                              rollout_logp=rollout_logp)  # fmt: skip
     stats = {"logp": logp.detach(), "clipped": clipped & valid}
     if entropy is not None:

@@ -16,6 +16,8 @@ Fields (math in ``reference``):
 - ``with_entropy``: also report the per-token entropy (no gradient);
 - ``ignore_index``: target value of rows that are not completion tokens;
 - ``backend``: ``auto`` | ``triton`` | ``torch`` | ``reference`` (see the package docstring);
+- ``shaping_gamma``: the ``gamma`` of the ``shaped`` per-token objective ``p / (p + gamma)``
+  (LUFFY's policy shaping; ``reference``);
 - ``kl_coef``, ``kl_estimator``: a KL penalty ``kl_coef * KL_t`` added to every token's loss,
   against a reference policy's log-probs ``ref_logp`` (``reference.kl_penalty``: ``k1``,
   ``k2``, ``k3`` = verl's ``low_var_kl`` = TRL's estimator); ``kl_coef = 0`` (default) adds
@@ -44,6 +46,7 @@ class LossSpec:
     backend: str = "auto"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    shaping_gamma: float = 0.1
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -56,6 +59,8 @@ class LossSpec:
             raise ValueError(f"LossSpec.tis_cap must be > 0 (or None), got {self.tis_cap}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown loss backend {self.backend!r}; choose one of {BACKENDS}")
+        if not self.shaping_gamma > 0:
+            raise ValueError(f"LossSpec.shaping_gamma must be > 0, got {self.shaping_gamma}")
         if self.kl_coef < 0 or self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"LossSpec: need kl_coef >= 0 and kl_estimator in {KL_ESTIMATORS}, got {self.kl_coef}, "
                              f"{self.kl_estimator!r}")  # fmt: skip

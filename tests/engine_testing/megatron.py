@@ -100,7 +100,7 @@ def random_micro_batches(model, seed: int = 0, micro: int = 2, rows: int = 3, ba
             old_logp=None if m == 0 else -torch.rand(n, generator=g) * 6,  # on-policy, then off-policy (clipping)
             adv=per_seq(torch.randn(rows, generator=g)),
             w=per_seq(torch.rand(rows, generator=g) / (micro * rows)),
-            logprob_mask=per_seq(torch.arange(rows) == m % rows),
+            objective=per_seq(torch.arange(rows) == m % rows).long(),
         ))  # fmt: skip
     return out
 
@@ -115,7 +115,7 @@ def hf_oracle(model, micro: list[MicroBatch]) -> dict:
         hidden = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                              pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw, use_cache=False).last_hidden_state
         h = hidden[x.batch.positions[:, 0], x.batch.positions[:, 1]]
-        loss, _ = fused_policy_loss(h, model.lm_head.weight, x.batch.targets, x.old_logp, x.adv, x.w, SPEC, x.logprob_mask)
+        loss, _ = fused_policy_loss(h, model.lm_head.weight, x.batch.targets, x.old_logp, x.adv, x.w, SPEC, x.objective)
         loss.backward()
         losses.append(loss.detach())
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}

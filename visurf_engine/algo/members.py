@@ -1,8 +1,10 @@
 """The sequences one step trains on, and the per-token loss inputs built from them.
 
-``Members`` holds ``M`` sequences in prompt order (prompt b's G rollouts, then its gold) as
-tensors: ``prompt[M]`` (index into the step's prompts), ``adv[M]``, ``gold[M]``,
-``logprob_loss[M]`` (``-A log pi`` instead of the PPO surrogate), with the completion token
+``Members`` holds ``M`` sequences in prompt order (prompt b's G rollouts, then its gold; a
+phase may leave some out, ``build_members``' keep masks) as tensors: ``prompt[M]`` (index into
+the step's prompts), ``adv[M]``, ``gold[M]``, ``objective[M]`` (the per-token objective of its
+tokens: a code of ``visurf_kernels.OBJECTIVES``, ``ppo`` by default), ``part[M]`` (which loss
+term it belongs to, normalised on its own: ``member_weights``), with the completion token
 ids ``tokens[m]`` (lists: what the collator concatenates behind each prompt) and, when the
 step needs them, per-token log-probs ``[L_m]`` float32 of each member: the pre-update
 policy's ``old_logp[m]`` (off-policy updates), the reference policy's ``ref_logp[m]`` (the KL
@@ -16,6 +18,10 @@ optimizer batch (``sequence_weights``, the one aggregation function):
     token-mean               w = 1 / T
     seq-mean-token-mean      w = 1 / (S * L_s)
     seq-mean-token-sum-norm  w = 1 / (S * L_max)   (Dr.GRPO; L_max = generation budget)
+
+A phase whose loss is a mix of terms (CHORD: ``(1 - mu) L_RL + mu L_SFT``) puts the members of
+each term in a ``part`` of their own: ``member_weights`` aggregates each part over its own S and
+T and scales it (``part_scales``); every other phase has one part of scale 1.
 
 ``per_token`` broadcasts any per-sequence tensor ``[S]`` to the ``N = sum_s L_s`` completion
 tokens of the same sequences, in order.
@@ -37,7 +43,8 @@ class Members:
     tokens: list[list[int]]  # [M][L_m] completion token ids
     adv: torch.Tensor  # [M] float32
     gold: torch.Tensor  # [M] bool
-    logprob_loss: torch.Tensor  # [M] bool
+    objective: torch.Tensor  # [M] int64 code of visurf_kernels.OBJECTIVES
+    part: torch.Tensor  # [M] int64: the loss term (member_weights)
     old_logp: list[torch.Tensor] | None = None  # [M][L_m]; None: on-policy
     ref_logp: list[torch.Tensor] | None = None  # [M][L_m]; None: no KL penalty
     rollout_logp: list[torch.Tensor] | None = None  # [M][L_m]; None: the engine reports none
@@ -67,7 +74,7 @@ class Members:
         def pick(values):
             return [values[j] for j in idx] if values is not None else None
 
-        return Members(self.prompt[i], pick(self.tokens), self.adv[i], self.gold[i], self.logprob_loss[i],
+        return Members(self.prompt[i], pick(self.tokens), self.adv[i], self.gold[i], self.objective[i], self.part[i],
                        pick(self.old_logp), pick(self.ref_logp), pick(self.rollout_logp))  # fmt: skip
 
 
@@ -77,35 +84,46 @@ def build_members(
     gold_tokens: list[list[int]] | None,
     gold_adv: torch.Tensor | None,
     *,
-    gold_logprob_loss: bool,
+    gold_objective: int = 0,
+    gold_part: int = 0,
+    keep_rollouts: torch.Tensor | None = None,
+    keep_gold: torch.Tensor | None = None,
     rollout_logp: list[list[torch.Tensor]] | None = None,
 ) -> Members:
     """Members in prompt order: the G rollouts ``rollouts[b]`` of prompt b (advantages
-    ``rollout_adv[b]``, sampling log-probs ``rollout_logp[b]`` if the engine has them), then its
-    gold ``gold_tokens[b]`` (advantage ``gold_adv[b]``, rollout log-probs NaN)."""
+    ``rollout_adv[b]``, the ``ppo`` objective, part 0, sampling log-probs ``rollout_logp[b]`` if
+    the engine has them), then its gold ``gold_tokens[b]`` (advantage ``gold_adv[b]``, objective
+    code ``gold_objective``, part ``gold_part``, rollout log-probs NaN). ``keep_rollouts[B]`` /
+    ``keep_gold[B]`` (bool; None: all): which prompts' rollouts / gold take part at all."""
     num_prompts = len(rollouts) if rollouts is not None else len(gold_tokens)
-    g = len(rollouts[0]) if rollouts is not None else 0
-    per_prompt = g + (gold_tokens is not None)
-    tokens, adv, logp = [], [], []
+    keep_r = keep_rollouts if keep_rollouts is not None else torch.ones(num_prompts, dtype=torch.bool)
+    keep_g = keep_gold if keep_gold is not None else torch.ones(num_prompts, dtype=torch.bool)
+    prompt, tokens, adv, logp, gold, objective, part = [], [], [], [], [], [], []
     for b in range(num_prompts):
-        if rollouts is not None:
+        if rollouts is not None and keep_r[b]:
+            g = len(rollouts[b])
             tokens += rollouts[b]
             adv.append(rollout_adv[b])
             logp += rollout_logp[b] if rollout_logp is not None else []
-        if gold_tokens is not None:
+            prompt += [b] * g
+            gold += [False] * g
+            objective += [0] * g
+            part += [0] * g
+        if gold_tokens is not None and keep_g[b]:
             tokens.append(gold_tokens[b])
             adv.append(gold_adv[b : b + 1])
             logp.append(torch.full((len(gold_tokens[b]),), float("nan")))
-    is_gold = torch.zeros(num_prompts, per_prompt, dtype=torch.bool)
-    if gold_tokens is not None:
-        is_gold[:, -1] = True
-    is_gold = is_gold.flatten()
+            prompt.append(b)
+            gold.append(True)
+            objective.append(gold_objective)
+            part.append(gold_part)
     return Members(
-        prompt=torch.arange(num_prompts).repeat_interleave(per_prompt),
+        prompt=torch.tensor(prompt, dtype=torch.long),
         tokens=tokens,
-        adv=torch.cat(adv).float(),
-        gold=is_gold,
-        logprob_loss=is_gold & gold_logprob_loss,
+        adv=torch.cat(adv).float() if adv else torch.zeros(0),
+        gold=torch.tensor(gold, dtype=torch.bool),
+        objective=torch.tensor(objective, dtype=torch.long),
+        part=torch.tensor(part, dtype=torch.long),
         rollout_logp=logp if rollout_logp is not None else None,
     )
 
@@ -124,6 +142,29 @@ def sequence_weights(
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     return w.float()
+
+
+def part_counts(members: Members, parts: int) -> torch.Tensor:
+    """``[parts, 2]`` float64: each part's sequences and completion tokens among ``members``
+    (the trainer sums them over the ranks for ``member_weights``)."""
+    counts = torch.zeros(parts, 2, dtype=torch.float64)
+    counts[:, 0].index_add_(0, members.part, torch.ones(len(members), dtype=torch.float64))
+    counts[:, 1].index_add_(0, members.part, members.lengths.double())
+    return counts
+
+
+def member_weights(members: Members, aggregation: str, counts: torch.Tensor, scales: tuple[float, ...],
+                   max_len: int) -> torch.Tensor:  # fmt: skip
+    """Per-member token weight ``[M]``: ``sequence_weights`` of each part over that part's global
+    ``counts[part] = (sequences, tokens)``, times ``scales[part]``."""
+    w = torch.zeros(len(members))
+    for k, scale in enumerate(scales):
+        mine = members.part == k
+        if mine.any():
+            part = sequence_weights(members.lengths[mine], aggregation, num_seqs=int(counts[k, 0]),
+                                    num_tokens=int(counts[k, 1]), max_len=max_len)  # fmt: skip
+            w[mine] = part if scale == 1 else part * scale
+    return w
 
 
 def per_token(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

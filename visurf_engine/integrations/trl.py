@@ -20,10 +20,12 @@ gold answer from the dataset column ``gold_column`` and is never generated.
 - advantages: TRL's own normalisation over the G + 1 (``scale_rewards="group"``:
   ``(r - mu) / (sigma + 1e-4)``, unbiased sigma, i.e. ``algo.advantages.group_advantages``
   with ``eps=1e-4``); a smoothed gold's advantage (0 up to rounding) is then set to exactly 0,
-  as ``algo.paradigms.visurf_advantages`` does.
+  as ``algo.paradigms.mixed_group_advantages`` does.
 
 The gold's tokens take the PPO surrogate (``gold_loss="ppo"``; with one update per batch its
-gradient is ``-A* grad log pi(y*)``) or ``-A* log pi`` (``"logprob"``, fused loss only).
+gradient is ``-A* grad log pi(y*)``) or, with the fused loss, any other per-token objective of
+``visurf_kernels.OBJECTIVES``: ``"logprob"`` (``-A* log pi``), ``"shaped"`` (LUFFY),
+``"dft"``, ``"phi"`` (CHORD-phi's weighting).
 
 **fused_loss** -- the policy loss through ``visurf_kernels.fused_policy_loss`` from the
 backbone's last hidden states and the LM head weight: no ``[B, T, V]`` logits and no autograd
@@ -57,7 +59,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import pad
 
-from visurf_kernels import LossSpec, fused_logprobs, fused_policy_loss
+from visurf_kernels import OBJECTIVES, LossSpec, fused_logprobs, fused_policy_loss
 
 from ..algo.gold import control_gold_rewards, make_gold
 from ..algo.members import per_token, sequence_weights
@@ -81,16 +83,17 @@ class ViSurfOptions:
     align_style: str = "auto"
     eliminate: bool = True
     smooth: bool = True
-    gold_loss: str = "ppo"  # ppo | logprob
+    gold_loss: str = "ppo"  # the gold tokens' objective: a visurf_kernels.OBJECTIVES name (ppo | logprob | shaped | dft | phi)
     fused_loss: bool = True  # the policy loss through visurf_kernels
     dual_clip: float | None = None
     loss_backend: str = "auto"  # visurf_kernels backend: auto | triton | torch | reference
 
     def __post_init__(self):
-        if self.gold_loss not in ("ppo", "logprob"):
-            raise ValueError(f"ViSurfOptions.gold_loss: choose 'ppo' or 'logprob', got {self.gold_loss!r}")
-        if self.gold_loss == "logprob" and not self.fused_loss:
-            raise ValueError("ViSurfOptions.gold_loss='logprob' needs fused_loss=True (TRL's own loss has no per-row switch)")
+        if self.gold_loss not in OBJECTIVES:
+            raise ValueError(f"ViSurfOptions.gold_loss: choose one of {OBJECTIVES}, got {self.gold_loss!r}")
+        if self.gold_loss != "ppo" and not self.fused_loss:
+            raise ValueError(f"ViSurfOptions.gold_loss={self.gold_loss!r} needs fused_loss=True (TRL's own loss has no "
+                             "per-row objective)")  # fmt: skip
         LossSpec(dual_clip=self.dual_clip, backend=self.loss_backend)  # validates both
 
 
@@ -384,9 +387,11 @@ class ViSurfGRPOTrainer(GRPOTrainer):
         adv = (adv[:, None] if adv.dim() == 1 else adv).expand_as(mask)[mask]
         old = inputs.get("old_per_token_logps")
         gold = inputs.get("visurf_gold")
-        logprob_mask = gold[:, None].expand_as(mask)[mask] if gold is not None and self.visurf.gold_loss == "logprob" else None
+        objective = None
+        if gold is not None and self.visurf.gold_loss != "ppo":  # the gold rows' objective, ppo elsewhere
+            objective = gold[:, None].expand_as(mask)[mask].long() * OBJECTIVES.index(self.visurf.gold_loss)
         loss, stats = fused_policy_loss(hidden.to(weight.dtype), weight, targets, old[mask] if old is not None else None,
-                                        adv, self._token_weights(mask, inputs), self.loss_spec, logprob_mask)  # fmt: skip
+                                        adv, self._token_weights(mask, inputs), self.loss_spec, objective)  # fmt: skip
         return loss, stats
 
     def _compute_loss(self, model, inputs):

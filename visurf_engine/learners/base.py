@@ -56,7 +56,7 @@ class MicroBatch:
     old_logp: torch.Tensor | None  # None: on-policy (ratio 1)
     adv: torch.Tensor  # float32
     w: torch.Tensor  # float32: the aggregation weight (``algo.members.sequence_weights``)
-    logprob_mask: torch.Tensor  # bool: tokens with the ``-A log pi`` loss
+    objective: torch.Tensor  # int64: each token's objective (a code of visurf_kernels.OBJECTIVES)
     ref_logp: torch.Tensor | None = None  # the reference policy's log-probs (KL penalty)
     rollout_logp: torch.Tensor | None = None  # the engine's sampling log-probs (NaN: the gold); None: none
 
@@ -65,7 +65,7 @@ def make_micro_batch(
     policy: Policy, prompts: Prompts, members: Members, weights: torch.Tensor, batching: Batching
 ) -> MicroBatch:
     """Collate ``members`` (per-sequence ``weights[S]``; padded or packed as ``batching`` says)
-    and broadcast their advantage, weight and loss kind to their tokens; their ``old_logp``,
+    and broadcast their advantage, weight and objective to their tokens; their ``old_logp``,
     ``ref_logp`` and ``rollout_logp`` (if any) are concatenated."""
     batch = policy.collate(prompts, members.prompt.tolist(), members.tokens, batching)
     dev = batch.targets.device
@@ -80,7 +80,7 @@ def make_micro_batch(
         rollout_logp=cat(members.rollout_logp),
         adv=per_token(members.adv, batch.lengths).to(dev),
         w=per_token(weights, batch.lengths).to(dev),
-        logprob_mask=per_token(members.logprob_loss, batch.lengths).to(dev),
+        objective=per_token(members.objective, batch.lengths).to(dev),
     )
 
 

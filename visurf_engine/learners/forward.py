@@ -36,7 +36,7 @@ class PolicyForward(torch.nn.Module):
             hidden, weight = self.precision.head_inputs(completion_hidden(self.model, batch), self.model.lm_head.weight)
             if x is None:
                 return fused_logprobs(hidden, weight, batch.targets, self._scoring)[0]
-            return fused_policy_loss(hidden, weight, batch.targets, x.old_logp, x.adv, x.w, self.spec, x.logprob_mask,
+            return fused_policy_loss(hidden, weight, batch.targets, x.old_logp, x.adv, x.w, self.spec, x.objective,
                                      ref_logp=x.ref_logp, rollout_logp=x.rollout_logp)  # fmt: skip
 
 

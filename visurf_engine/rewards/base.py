@@ -125,6 +125,13 @@ class RewardSpec(ABC):
         matches = [s for s in self.styles if self.render_answer(answer, s) == text]
         return matches[0] if len(matches) == 1 else None
 
+    solved_component: str = "accuracy"  # the component that says whether a completion solved its prompt
+
+    def solved(self, components: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool from ``components[n, C]`` (``score_batch``): the completion solved its prompt,
+        i.e. ``solved_component`` reached its maximum, 1 (HPT's notion of a correct rollout)."""
+        return components[:, self.components.index(self.solved_component)] >= 1.0
+
     def weight_vector(self) -> torch.Tensor:
         """``w[C]`` float64, in ``components`` order."""
         return torch.tensor([self.weights[c] for c in self.components], dtype=torch.float64)

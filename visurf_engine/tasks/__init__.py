@@ -9,7 +9,9 @@
 
 ``prepare_base_model`` makes sure the model to post-train exists (the entry point calls it,
 with its own progress bar, before it builds the trainer); ``base_model_path`` only finds it,
-so building a trainer never trains.
+so building a trainer never trains. Without ``model.path``, a config whose warm-start recipe is
+the default's uses the base model shipped with the package; any other recipe is built once and
+cached (``tasks.shapes.base_model``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from ..data import DataError, Row, decodable, load_rows
 from ..parallel.world import World, barrier
 from ..rewards import RewardSpec
 from . import shapes
-from .shapes.base_model import build_base_model, cached_base_model
+from .shapes.base_model import (
+    base_model_dir,
+    build_base_model,
+    cached_base_model,
+    not_shipped_reason,
+    shipped_base_model,
+    shipped_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +68,11 @@ def load_task(cfg: Config, spec: RewardSpec) -> TaskData:
 
 
 def base_model_path(cfg: Config) -> Path:
-    """The checkpoint to post-train: ``model.path``, or the embedded task's cached base model."""
+    """The checkpoint to post-train: ``model.path``, else the embedded task's base model (the
+    shipped one when ``cfg``'s recipe is its recipe, otherwise the cached one)."""
     if cfg.model.path:
         return Path(cfg.model.path)
-    path = cached_base_model(cfg)
+    path = shipped_base_model(cfg) or cached_base_model(cfg)
     if path is None:
         raise FileNotFoundError(
             "the embedded base model of this config is not built yet: call "
@@ -72,10 +82,19 @@ def base_model_path(cfg: Config) -> Path:
 
 
 def prepare_base_model(cfg: Config, world: World = World(), *, progress: bool = True) -> Path:
-    """``base_model_path(cfg)``, building the embedded base model first if needed (rank 0
-    builds it, the other ranks wait and then find it)."""
+    """``base_model_path(cfg)``, building the embedded base model first if ``cfg``'s recipe is not
+    the shipped one's and it is not cached (rank 0 builds it, the other ranks wait and then find
+    it). Rank 0 logs which base model is used."""
     if not cfg.model.path and world.is_main:
-        build_base_model(cfg, progress=progress)
+        shipped = shipped_base_model(cfg)
+        if shipped is not None:
+            built = shipped_manifest()["built_with"]
+            log.info("base model: the one shipped with the package, %s (built %s on %s, %s torch thread(s))",
+                     shipped, built["date"], built["cpu"], built["threads"]["torch"])  # fmt: skip
+        else:
+            log.info("base model: %s %s, not the shipped one (%s)", "cached at" if cached_base_model(cfg) else
+                     "warm-starting it (a few minutes) into", base_model_dir(cfg), not_shipped_reason(cfg))  # fmt: skip
+            build_base_model(cfg, progress=progress)
     barrier(world)
     return base_model_path(cfg)
 

@@ -280,7 +280,7 @@ class MegatronLearner(Learner):
         pos = x.batch.positions
         weight, start = self.module.head_shard()
         loss, stats = fused_policy_loss(
-            hidden[pos[:, 1], pos[:, 0]], weight, x.batch.targets, x.old_logp, x.adv, x.w, self.spec, x.logprob_mask,
+            hidden[pos[:, 1], pos[:, 0]], weight, x.batch.targets, x.old_logp, x.adv, x.w, self.spec, x.objective,
             ref_logp=x.ref_logp,
             rollout_logp=x.rollout_logp,
             tp_group=parallel_state.get_tensor_model_parallel_group() if self.layout.tp > 1 else None,
