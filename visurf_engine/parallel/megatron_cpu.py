@@ -31,7 +31,8 @@ reject a CPU tensor (5):
    ``clip_grads.get_grad_norm_fp32`` and ``clip_grads.clip_grad_by_total_norm_fp32`` (buffers,
    and an ``assert param.grad.type() == 'torch.cuda.FloatTensor'``), and
    ``utils.local_multi_tensor_l2_norm`` (the norm without Apex / Transformer Engine, returned on
-   ``"cuda"``). No other constant of those functions names CUDA, so nothing else changes.
+   ``"cuda"``). Only those exact constants change (an error message that lists the CUDA type
+   names and the attribute name ``"cuda_graph_impl"`` stay as they are).
 
 What needs no patch, by configuration (``learners.megatron.model``): ``use_cpu_initialization``,
 ``batch_p2p_sync=False``, the inference RNG tracker of ``model_parallel_cuda_manual_seed``
