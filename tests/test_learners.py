@@ -1,5 +1,5 @@
 """The learner protocol: the same micro-batches through the ``hf`` learner (one process) and the
-``megatron`` learner (TP=2, two gloo processes; TP=2 x DP=2, four) give the same losses,
+``megatron`` learner (TP=2, two gloo processes; TP=2 x DP=2 and PP=2 x DP=2, four) give the same losses,
 gradients, grad norm and updated weights. float32; tolerances as in ``test_megatron_parallel``
 (the backends sum in different orders: fused QKV, split heads, vocab-parallel softmax). The
 megatron checkpoint (each rank's slice of the master weights) exports to the trained weights
@@ -56,9 +56,9 @@ def test_hf_and_megatron_learners_agree(tmp_path):
         assert (grads[k] - g).abs().max() / g.abs().max() < GRAD_RTOL, k
 
 
-def _spawn(tmp_path, world, tp, compute=torch.float32) -> list[dict]:
-    mp.start_processes(parallel_worker, args=(world, _free_port(), str(tmp_path), tp, 1, False, compute, True), nprocs=world,
-                       start_method="spawn")  # fmt: skip
+def _spawn(tmp_path, world, tp, pp=1, tied=False, compute=torch.float32) -> list[dict]:
+    mp.start_processes(parallel_worker, args=(world, _free_port(), str(tmp_path), tp, pp, tied, compute, True),
+                       nprocs=world, start_method="spawn")  # fmt: skip
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -71,15 +71,17 @@ def _assert_resumes_exactly(r: dict) -> None:
     assert r["nan_skipped"] and all(torch.equal(r["after_nan"][k], w) for k, w in r["next"].items())
 
 
-def test_megatron_data_parallel_agrees_with_hf_and_its_checkpoint_exports_and_resumes_exactly(tmp_path):
-    """TP=2 x DP=2: the distributed optimizer shards the main parameters and the Adam state over
-    the two data-parallel ranks, each of which trains on one of the two micro-batches."""
-    tp, dp = 2, 2
-    ranks = _spawn(tmp_path, tp * dp, tp)
-    model = tiny_vl_model()
+@pytest.mark.parametrize("tp,pp,tied", [(2, 1, False), (1, 2, True)], ids=["tp2xdp2", "pp2xdp2-tied"])
+def test_megatron_data_parallel_agrees_with_hf_and_its_checkpoint_exports_and_resumes_exactly(tmp_path, tp, pp, tied):
+    """DP=2 beside TP=2 or PP=2 (tied embeddings: the last stage's copy reduced with the first's):
+    the distributed optimizer shards the main parameters and the Adam state over the two
+    data-parallel ranks, each of which trains on one of the two micro-batches."""
+    dp = 2
+    ranks = _spawn(tmp_path, tp * pp * dp, tp, pp, tied)
+    model = tiny_vl_model(tied=tied)
     ref = hf_learner_step(model, random_micro_batches(model))
-    for rank, r in enumerate(ranks):  # rank = tp_rank + tp * dp_rank
-        d = rank // tp
+    for rank, r in enumerate(ranks):  # rank = tp_rank + tp (dp_rank + dp pp_rank)
+        d = rank // tp % dp
         torch.testing.assert_close(r["losses"], ref["losses"][d : d + 1], **LOSS_TOL)
         assert r["norm"] == pytest.approx(ref["norm"], rel=GRAD_RTOL)
         for k, w in ref["weights"].items():
@@ -94,7 +96,7 @@ def test_megatron_bf16_compute_keeps_fp32_master_weights(tmp_path):
     """TP=1 x DP=2, bf16 parameters and replica over fp32 master weights (the distributed
     optimizer's main parameters, started from the fp32 checkpoint, not from its bf16 rounding):
     the checkpoint exports them in fp32, the replica is their bf16 rounding."""
-    ranks = _spawn(tmp_path, 2, 1, torch.bfloat16)
+    ranks = _spawn(tmp_path, 2, 1, compute=torch.bfloat16)
     start = tiny_vl_model().state_dict()
     master = read_weights(tmp_path / "ckpt")
     lr, wd = OPTIM["lr"], OPTIM["weight_decay"]

@@ -194,7 +194,9 @@ class MegatronLearner(Learner):
         return {"tp": self.tp_rank, "pp": self.pp_rank, "dp": self.dp.rank, "dp_size": self.dp.size}
 
     def _master_slices(self) -> dict[str, dict[str, Any]]:
-        """This rank's slice of every parameter's main parameter: ``{name: {shape, start, values}}``."""
+        """This rank's slice of every parameter's main parameter: ``{name: {shape, start, values}}``
+        (megatron-core 0.16.1's ``DistributedOptimizer``: its model / main parameter groups, and
+        ``_get_model_param_range_map`` for where a slice starts in its parameter)."""
         opt = self._distributed
         main = {}
         for models, mains in ((opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
