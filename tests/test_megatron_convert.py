@@ -2,16 +2,20 @@
 
 HF -> (tp, pp) shards -> HF is bit-exact for tp, pp in {1, 2}, untied and tied; both HF
 naming sets and both Megatron norm naming sets are accepted; the vocabulary is padded with
-zero rows; a split that does not fit is refused naming the key.
+zero rows; a checkpoint read lazily gives the same shards, and every tensor converts back on
+its own; a split that does not fit is refused naming the key.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from engine_testing.megatron import tiny_vl_model
 from visurf_engine.learners.megatron.convert import Layout, hf_to_megatron, megatron_to_hf
+from visurf_engine.models.weights import CheckpointTensors
 
 
 def _shards(hf, lay):
@@ -84,6 +88,27 @@ def test_on_disk_hf_names_give_the_same_shards(model):
         for r in range(2):
             a, b = hf_to_megatron(hf, lay, r, p), hf_to_megatron(disk, lay, r, p)
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shards_read_lazily_from_a_checkpoint_directory_are_the_same(model, tmp_path):
+    """``CheckpointTensors`` (what ``MegatronLearner.load`` cuts its shard from) reads the saved
+    (bf16) checkpoint by name, in the dtype asked for; each tensor's megatron slices convert
+    back alone (``megatron_to_hf`` of any subset, as ``export_weights`` converts them)."""
+    saved = copy.deepcopy(model).to(torch.bfloat16)
+    saved.save_pretrained(tmp_path)
+    lazy, lay = CheckpointTensors(tmp_path, torch.float32), Layout.from_hf_config(model.config, 2, 2)
+    assert "model.layers.0.self_attn.q_proj.weight" in lazy and lazy["model.embed_tokens.weight"].dtype == torch.float32
+    hf = {k: v.float() for k, v in saved.state_dict().items()}
+    for p in range(2):
+        shards = [hf_to_megatron(lazy, lay, r, p) for r in range(2)]
+        for r in range(2):
+            ref = hf_to_megatron(hf, lay, r, p)
+            assert set(shards[r]) == set(ref) and all(torch.equal(shards[r][k], ref[k]) for k in ref)
+        whole = megatron_to_hf(shards, lay, p)
+        one_by_one = {}
+        for name in shards[0]:
+            one_by_one |= megatron_to_hf([{name: s[name]} for s in shards], lay, p)
+        assert set(one_by_one) == set(whole) and all(torch.equal(one_by_one[k], whole[k]) for k in whole)
 
 
 def test_te_spec_norm_names_and_bare_gpt_prefix_are_accepted(model):

@@ -1,5 +1,5 @@
 """The memory plan (``visurf_engine.plan``): exact parameter counts, the components' arithmetic on
-hand-computed cases, and a refusal that names the fix. How close it comes to measured peaks is
+hand-computed cases (hf, fsdp, megatron), and a refusal that names the fix. How close it comes to measured peaks is
 ``bench/memory.py``'s job (results in ``bench/results/memory-*.json``)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from engine_testing.megatron import tiny_vl_config, tiny_vl_model
 from visurf_engine.config import load_config
 from visurf_engine.models.presets import real_shape_config
 from visurf_engine.models.tiny import train_tokenizer
-from visurf_engine.plan import GIB, DoesNotFit, Shape, Workload, activation_bytes, check, main, plan
+from visurf_engine.plan import GIB, DoesNotFit, Shape, Workload, activation_bytes, check, loss_bytes, main, megatron_params, plan
 
 TOKENIZER = train_tokenizer(["plan the memory"])
 
@@ -44,6 +44,48 @@ def test_components_on_a_hand_computed_case():
     assert hf.components["rollout cache"] == kv_cache and hf.components["rollout engine"] == 0  # the shared module
     update = hf.components["loss"] + hf.components["activations"]
     assert hf.peak == 16 * n + max(update, hf.components["optimizer step"], kv_cache)
+
+
+def test_megatron_components_on_a_hand_computed_case():
+    """The tiny shapes (hidden 64, MLP 96, 4 layers of 30 976 parameters with two 64-wide norms,
+    2 KV heads of 16, vocabulary 301 untied, a vision tower of 80 480) on tp 2 x pp 2 x dp 2."""
+    shape = Shape.of(tiny_vl_config())
+    assert (shape.params, shape.layer_params) == (242_976, 30_976)
+    layer = (30_976 - 2 * 64) // 2 + 2 * 64  # 15 552: the norms whole on each tensor rank
+    rows = 151 * 64  # half the vocabulary padded to 302
+    first = 2 * layer + 80_480 + rows  # stage 0: its 2 layers, the vision tower, its embedding rows
+    assert megatron_params(shape, 2, 2) == first == 121_248  # > the last stage: 2 layers, the norm, the head rows
+    assert megatron_params(Shape.of(tiny_vl_config(tied=True)), 2, 1) == 4 * layer + 80_480 + rows + 64  # no head
+    work = Workload(tokens=1000, patches=64, completion_tokens=300, sequences=10)
+    cfg = load_config(None, ["model.backend=megatron", "parallel.tp=2", "parallel.pp=2", "algo.kl_coef=0"])
+    cpu = plan(cfg, shape, gpus=8, device="cpu", work=work)  # fp32: the parameters are the master weights
+    c = cpu.components
+    assert (c["weights"], c["gradients"], c["optimizer"], c["hf replica"], c["reference"]) == \
+        (4 * first, 4 * first, 8 * first // 2, 4 * 242_976, 0)  # fmt: skip
+    cuda = plan(cfg, shape, gpus=8, device="cuda", work=work).components  # bf16 parameters, fp32 main parameters
+    assert (cuda["weights"], cuda["gradients"], cuda["optimizer"], cuda["hf replica"]) == \
+        (2 * first, 4 * first, 12 * first // 2, 2 * 242_976)  # fmt: skip
+    text = 4 * (9 * 64 + (4 * 96 + 3 * 32) / 2)  # the MLP and KV terms split over tp
+    vision = 4 * (13.125 * 32 + 4 * 48)
+    outside = 4 * 2 * 64 * 1000 + 4 * (3 * 2 * 14 * 14 + 5 * 32) * 64
+    assert c["activations"] == int(2 * (2 * text * 1000 + 2 * vision * 64 + outside))  # 1F1B: 2 micro-batches in flight
+    assert c["loss"] == loss_bytes(shape, work, 4, "cpu", 2) == 256 * 151 * 4 + 4 * 151 * 64 + 300 * 64 * 4 * 2
+    assert c["weight export"] == 3 * 302 * 64 * 4 and c["rollout engine"] == 0  # the hf engine generates with the replica
+    persistent = sum(c[k] for k in ("weights", "gradients", "optimizer", "hf replica"))
+    working = (c["loss"] + c["activations"], c["optimizer step"], c["rollout cache"], c["weight export"])
+    assert cpu.peak == persistent + max(working)
+    with pytest.raises(ValueError, match=r"parallel.tp \* parallel.pp = 4 must divide the 6 GPUs"):
+        plan(cfg, shape, gpus=6, device="cpu", work=work)
+
+
+def test_the_7b_megatron_recipe_fits_8_x_80_gb_and_the_refusals_name_the_fix():
+    shape = Shape.of(real_shape_config("qwen2.5-vl-7b", TOKENIZER))
+    recipe = "configs/qwen2_5_vl_7b_grounding_megatron.yaml"
+    assert plan(load_config(recipe), shape, gpus=8, gpu_gib=80, patches_per_image=1536).headroom > 0
+    with pytest.raises(DoesNotFit, match=r"it fits with: parallel\.tp=4 "):
+        check(load_config(recipe, ["parallel.tp=2"]), shape, gpus=8, gpu_gib=80)
+    with pytest.raises(DoesNotFit, match=r"it fits with: train\.micro_batch_size=8 "):
+        check(load_config(recipe, ["train.micro_batch_size=16"]), shape, gpus=8, gpu_gib=80)
 
 
 def test_the_7b_recipe_does_not_fit_8_x_80_gb_on_hf_and_the_refusal_names_the_fix():

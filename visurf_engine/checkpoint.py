@@ -4,8 +4,9 @@ Layout under ``<output_dir>/checkpoints/``::
 
     step_000020/...                   the learner's weights and optimizer state (``Learner.save_state``):
                                       model.safetensors + optimizer.pt (hf: the whole model, HF names);
-                                      model.safetensors + optimizer_rank{r}.pt (megatron); state/ (fsdp:
-                                      a torch.distributed.checkpoint directory, each rank its shards)
+                                      megatron_rank{r}.pt (megatron: each rank its slice of the master
+                                      weights and its Adam state); state/ (fsdp: a
+                                      torch.distributed.checkpoint directory, each rank its shards)
     step_000020/rng_rank{r}.pt        python / numpy / torch (+ CUDA) RNG states of rank r
     step_000020/state.json            step, data-sampler position, base (and final) evaluation, skipped-step
                                       counts (the non-finite guard), config

@@ -3,8 +3,10 @@ checkpoint as a Hugging Face checkpoint directory that ``from_pretrained`` loads
 
 ``CHECKPOINT``: a ``step_N`` directory, or a run's ``checkpoints/`` (its ``latest``), or a run's
 output directory. Its weights are read in one process, whatever backend wrote them
-(``model.safetensors``: ``hf`` / ``megatron``; ``state/``: ``fsdp``'s ``torch.distributed.checkpoint``,
-every rank's shards joined), into the model built from the base checkpoint's config, and
+(``model.safetensors``: ``hf``; ``state/``: ``fsdp``'s ``torch.distributed.checkpoint``, every
+rank's shards joined; ``megatron_rank{r}.pt``: ``megatron``'s master weights, every rank's
+slice joined into its tensor/pipeline shard and the shards converted back to HF tensors,
+``learners.megatron.checkpoint``), into the model built from the base checkpoint's config, and
 written with ``save_pretrained`` in ``--dtype`` (default: the weights' own) together with the
 base checkpoint's tokenizer and processor files. The base checkpoint is the run's
 ``model.path`` or the embedded task's cached base model (``state.json``'s config), or
@@ -49,6 +51,10 @@ def base_checkpoint(step_dir: Path) -> Path:
 
 def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     """Every weight of the checkpoint, whole, under the model's in-memory names."""
+    from .learners.megatron.checkpoint import is_megatron_checkpoint, read_hf_weights
+
+    if is_megatron_checkpoint(step_dir):  # megatron: every rank's slices of the master weights, joined
+        return read_hf_weights(step_dir)
     if (step_dir / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -61,7 +67,7 @@ def read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
                  if key.startswith("model.") and hasattr(meta, "size")}  # fmt: skip
         dcp.load(state, checkpoint_id=str(step_dir / "state"), no_dist=True)
         return {key.removeprefix("model."): t for key, t in state.items()}
-    raise FileNotFoundError(f"{step_dir}: neither model.safetensors nor a state/ directory")
+    raise FileNotFoundError(f"{step_dir}: neither model.safetensors, megatron_rank*.pt nor a state/ directory")
 
 
 def export(checkpoint: Path, out: Path, *, dtype: torch.dtype | None = None, base: Path | None = None) -> Path:

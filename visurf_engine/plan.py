@@ -41,9 +41,31 @@ Components (``N``: parameters; ``b_m``, ``b_c``: bytes of the master / compute d
   fp32 and CPU bf16 autocast, within 1% of the formulas).
 - **step working set**: AdamW's temporaries (single-tensor: the largest parameter; fused: none).
 
-The peak is the persistent part (weights, gradients, optimizer, reference, rollout engine) plus
-the largest working set of the step: the update (gathered, autocast copies, loss, activations),
-the optimizer step, or sampling (the rollout cache). ``bench/memory.py`` checks the plan against measured peaks.
+``megatron`` (``parallel.tp x parallel.pp``, data parallel ``dp = W / (tp pp)``) is planned for
+the fullest rank of the grid (``megatron_params``: its ``L / pp`` layers, each split over ``tp``
+but for its two norms; the first stage adds the whole vision tower and a ``1/tp`` vocabulary
+shard of the embedding, the last the final norm and a shard of the head; one rank holds both
+when ``pp = 1``), ``N_r`` parameters:
+- **weights** ``N_r b_c`` (the shard computes in the compute dtype), **gradients** ``4 N_r``
+  (fp32 buffers), **optimizer**: the distributed optimizer's Adam moments and, beside 16-bit
+  parameters, its fp32 main parameters (the master weights): ``12 N_r / dp`` (``8 N_r / dp``
+  in fp32); **hf replica**: the whole model in ``b_c`` (rollouts, scoring, evaluation; the
+  ``hf`` rollout engine generates with it); **reference**: whole, in ``b_c``.
+- **activations**: the formulas above without autocast's fp32 copies (the parameters are in
+  ``b_c``), a layer's ``I`` and ``kv`` terms split over ``tp`` (no sequence parallelism: its
+  ``H`` terms are counted whole on every tensor rank, an upper bound); 1F1B keeps up to ``pp``
+  micro-batches in flight on the first stage, which holds ``pp`` micro-batches of its layers
+  and vision passes. Padded rows (no packing): ``train.micro_batch_size`` sequences. Not
+  measured by ``bench/memory.py`` (hf and fsdp).
+- **loss** over a ``1/tp`` vocabulary shard; **weight export** (a working set): the embedding
+  gathered over the tensor group and converted, three ``[V, H]`` tensors in ``b_c``;
+  **optimizer step**: torch's AdamW over the rank's slices (foreach on CUDA: one temporary of
+  their size).
+
+The peak is the persistent part (weights, gradients, optimizer, reference, rollout engine; the
+hf replica) plus the largest working set of the step: the update (gathered, autocast copies,
+loss, activations), the optimizer step, sampling (the rollout cache) or the weight export.
+``bench/memory.py`` checks the plan against measured peaks.
 """
 
 from __future__ import annotations
@@ -71,6 +93,7 @@ class Shape:
     inter: int
     layers: int
     kv: int  # KV heads x head dim
+    kv_heads: int
     vocab: int
     vis_hidden: int
     vis_inter: int
@@ -97,6 +120,7 @@ class Shape:
         total = count(model)
         return cls(
             hidden=t.hidden_size, inter=t.intermediate_size, layers=len(layers), kv=t.num_key_value_heads * head_dim,
+            kv_heads=t.num_key_value_heads,
             vocab=t.vocab_size, vis_hidden=v.hidden_size, vis_inter=v.intermediate_size, vis_depth=len(blocks),
             patch_dim=v.in_channels * v.temporal_patch_size * v.patch_size**2 if hasattr(v, "in_channels") else 3 * 2 * 14 * 14,
             params=total, layer_params=count(layers[0]), block_params=count(blocks[0]) if len(blocks) else 0,
@@ -119,10 +143,12 @@ def workload(cfg: Config, patches_per_image: int, prompt_text_tokens: int = 64) 
     """The largest micro-batch ``cfg`` forms: packed, ``train.max_tokens_per_micro_batch`` tokens
     of sequences ``P + C`` long (``P``: the image's tokens, ``patches / 4``, and the text;
     ``C = rollout.max_new_tokens``), G + 1 members a prompt sharing one image (``vision_once``);
-    padded, ``train.micro_batch_size`` such sequences."""
+    padded (``train.pack=false``, and always with ``model.backend=megatron``), ``train.micro_batch_size``
+    such sequences."""
     t, r = cfg.train, cfg.rollout
     seq = patches_per_image // 4 + prompt_text_tokens + r.max_new_tokens
-    seqs = max(1, t.max_tokens_per_micro_batch // seq) if t.pack else t.micro_batch_size
+    pack = t.pack and cfg.model.backend != "megatron"
+    seqs = max(1, t.max_tokens_per_micro_batch // seq) if pack else t.micro_batch_size
     prompts = min(seqs, math.ceil(seqs / (r.n + 1)) + 1) if t.vision_once else seqs
     return Workload(tokens=seqs * seq, patches=prompts * patches_per_image, completion_tokens=seqs * r.max_new_tokens,
                     sequences=seqs)  # fmt: skip
@@ -139,14 +165,32 @@ def activation_bytes(s: Shape, w: Workload, compute: int, checkpointing: bool) -
     return int(kept + 2 * max(text * w.tokens, vision * w.patches) + outside)
 
 
-def loss_bytes(s: Shape, w: Workload, compute: int, device: str = "cuda") -> int:
-    """The fused loss's working set (module docstring); on CPU the torch engine's: an fp32
-    buffer of ``max(256, N / 16)`` rows."""
-    n = w.completion_tokens
+def megatron_params(s: Shape, tp: int, pp: int) -> int:
+    """Parameters of the fullest rank of a ``tp x pp`` megatron grid (module docstring)."""
+    layer = (s.layer_params - 2 * s.hidden) // tp + 2 * s.hidden  # the two norms are whole on every tensor rank
+    rows = -(-s.vocab // tp) * s.hidden  # one vocabulary shard (the vocabulary padded to a multiple of tp)
+    vision = s.params - s.layers * s.layer_params - s.embed_params * (1 if s.tied else 2) - s.hidden
+    first = vision + rows
+    last = s.hidden + (rows if not s.tied or pp > 1 else 0)  # tied, pp > 1: the last stage's copy of the embedding
+    return s.layers // pp * layer + (first + last if pp == 1 else max(first, last))
+
+
+def megatron_activation_bytes(s: Shape, w: Workload, compute: int, tp: int, pp: int) -> int:
+    """What the first stage's backward keeps of its micro-batches in flight (module docstring)."""
+    text = compute * (9 * s.hidden + (4 * s.inter + 3 * s.kv) / tp)
+    vision = compute * (13.125 * s.vis_hidden + 4 * s.vis_inter)
+    outside = 4 * 2 * s.hidden * w.tokens + 4 * (s.patch_dim + 5 * s.vis_hidden) * w.patches
+    return int(pp * (s.layers // pp * text * w.tokens + s.vis_depth * vision * w.patches + outside))
+
+
+def loss_bytes(s: Shape, w: Workload, compute: int, device: str = "cuda", tp: int = 1) -> int:
+    """The fused loss's working set (module docstring) over a ``1/tp`` vocabulary shard; on CPU
+    the torch engine's: an fp32 buffer of ``max(256, N / 16)`` rows."""
+    n, vocab = w.completion_tokens, -(-s.vocab // tp)
     chunk, buffer = (max(1024, -(-n // 16)), compute) if device == "cuda" else (max(256, -(-n // 16)), 4)
     chunk = min(n, chunk)
-    accumulator = 4 * s.vocab * s.hidden if n > chunk else 0
-    return chunk * s.vocab * buffer + accumulator + n * s.hidden * compute * 2
+    accumulator = 4 * vocab * s.hidden if n > chunk else 0
+    return chunk * vocab * buffer + accumulator + n * s.hidden * compute * 2
 
 
 @dataclass
@@ -195,6 +239,8 @@ def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, 
     p = Precision.of(m.dtype, m.compute_dtype, torch.device(device))
     bm, bc = p.master.itemsize, p.compute.itemsize
     s, w = shape, work or workload(cfg, patches_per_image)
+    if m.backend == "megatron":
+        return megatron_plan(cfg, s, w, bc, gpus=gpus, gpu_gib=gpu_gib, device=device)
     fsdp, mixed = m.backend == "fsdp", p.mixed
     shard = gpus if fsdp else 1
     offload = fsdp and cfg.fsdp.offload
@@ -227,6 +273,37 @@ def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, 
     )
 
 
+def megatron_plan(cfg: Config, s: Shape, w: Workload, bc: int, *, gpus: int, gpu_gib: float | None,
+                  device: str) -> Plan:  # fmt: skip
+    """``plan`` of ``model.backend=megatron`` (module docstring), compute dtype ``bc`` bytes."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if gpus % (tp * pp):
+        raise ValueError(f"parallel.tp * parallel.pp = {tp * pp} must divide the {gpus} GPUs")
+    dp, local = gpus // (tp * pp), megatron_params(s, tp, pp)
+    main = 4 if bc < 4 else 0  # fp32 main parameters beside 16-bit ones
+    c = {"weights": local * bc, "gradients": local * 4, "optimizer": local * (8 + main) // dp, "hf replica": s.params * bc,
+         "reference": s.params * bc if cfg.algo.kl_coef > 0 else 0}  # fmt: skip
+    c["rollout engine"], c["rollout cache"] = rollout_bytes(cfg, s, w, gpu_gib, bc, device)
+    c["loss"] = loss_bytes(s, w, bc, device, tp)
+    c["activations"] = megatron_activation_bytes(s, w, bc, tp, pp)
+    c["weight export"] = 3 * (-(-s.vocab // tp) * tp) * s.hidden * bc
+    largest = max(s.layer_params, s.block_params, s.embed_params)
+    c["optimizer step"] = local * 4 // dp if device == "cuda" else largest * 4  # foreach on CUDA, single-tensor on CPU
+    notes = [f"megatron: tp {tp} x pp {pp} x dp {dp}, {local / 1e9:.2f} B parameters on the fullest rank",
+             f"micro-batch: {w.tokens} tokens ({w.sequences} padded sequences), {w.patches} patches, "
+             f"{w.completion_tokens} completion tokens"]  # fmt: skip
+    if cfg.train.activation_checkpointing:
+        notes.append("train.activation_checkpointing is not available with model.backend=megatron (planned without)")
+    return Plan(
+        components=c,
+        persistent=("weights", "gradients", "optimizer", "hf replica", "reference", "rollout engine"),
+        working={"update": ("loss", "activations"), "optimizer step": ("optimizer step",), "sampling": ("rollout cache",),
+                 "weight export": ("weight export",)},  # fmt: skip
+        gpu_bytes=int(gpu_gib * GIB) if gpu_gib else None,
+        notes=notes,
+    )
+
+
 def rollout_bytes(cfg: Config, s: Shape, w: Workload, gpu_gib: float | None, bc: int, device: str) -> tuple[int, int]:
     """The rollout engine's bytes on the GPU: (held through the step, held only while sampling)
     (module docstring)."""
@@ -245,13 +322,20 @@ def rollout_bytes(cfg: Config, s: Shape, w: Workload, gpu_gib: float | None, bc:
 def fixes(cfg: Config, shape: Shape, gpus: int, gpu_gib: float) -> list[str]:
     """Overrides that would make ``cfg`` fit, each alone (the first that does, in this order)."""
     options = []
+    megatron = cfg.model.backend == "megatron"
+    if megatron:
+        tp, pp = cfg.parallel.tp, cfg.parallel.pp
+        if shape.kv_heads % (2 * tp) == 0 and gpus % (2 * tp * pp) == 0:
+            options.append([f"parallel.tp={2 * tp}"])
+        if cfg.train.micro_batch_size > 1:
+            options.append([f"train.micro_batch_size={cfg.train.micro_batch_size // 2}"])
     if cfg.model.backend != "fsdp":
         options.append(["model.backend=fsdp"] + (["rollout.hf.replica=true"] if cfg.rollout.backend == "hf" else []))
-    if not cfg.train.activation_checkpointing:
+    if not cfg.train.activation_checkpointing and not megatron:
         options.append(["train.activation_checkpointing=true"])
     if cfg.model.backend == "fsdp" and not cfg.fsdp.offload:
         options.append(["fsdp.offload=true"])
-    if cfg.train.max_tokens_per_micro_batch > 2048:
+    if cfg.train.max_tokens_per_micro_batch > 2048 and not megatron:  # megatron trains padded rows
         options.append([f"train.max_tokens_per_micro_batch={cfg.train.max_tokens_per_micro_batch // 4}"])
     if cfg.rollout.backend == "vllm" and cfg.rollout.vllm.gpu_memory_utilization > 0.2:
         options.append(["rollout.vllm.gpu_memory_utilization=0.2"])

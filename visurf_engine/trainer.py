@@ -69,7 +69,7 @@ class Trainer:
         self.spec = get_reward(cfg.data.reward)
         self.data = load_task(cfg, self.spec)
         if world.device.type == "cuda" and t.memory_check:
-            self.plan = check_memory(cfg, path, self.dp.size, world.device)
+            self.plan = check_memory(cfg, path, world.size, world.device)
         precision = Precision.of(cfg.model.dtype, cfg.model.compute_dtype, world.device)
         self.loss_spec = cfg.loss_spec()
         processor = load_processor(path, cfg.model.image_processor)

@@ -7,6 +7,7 @@ image each, the single-process HF oracle, and the worker that spawned ranks run
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -124,42 +125,75 @@ def hf_oracle(model, micro: list[MicroBatch]) -> dict:
     return {"losses": torch.stack(losses), "grads": grads, "norm": float(norm), "weights": model.state_dict()}
 
 
-def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int, tied: bool) -> None:
-    """One rank: load the tiny model into (tp, pp) shards, one step on the random micro-batches;
-    saves losses, local grads (megatron names), grad norm, and the exported HF weights."""
+def megatron_learner(model, tp: int, pp: int, dp, compute: torch.dtype = torch.float32):
+    """A ``MegatronLearner`` over ``model`` (float32 master weights), its replica ``model`` itself
+    cast to ``compute``, in the current process's megatron parallel state."""
+    from visurf_engine.learners.megatron.convert import Layout
+    from visurf_engine.learners.megatron.learner import MegatronLearner
+    from visurf_engine.models.precision import Precision
+
+    master = {k: v.clone() for k, v in model.state_dict().items()}
+    policy = tiny_policy(model.to(compute), Precision(compute, compute))
+    return MegatronLearner(policy, Layout.from_hf_config(model.config, tp, pp), SPEC, dp, weights=master, **OPTIM)
+
+
+def parallel_worker(rank: int, world: int, port: int, out: str, tp: int, pp: int, tied: bool,
+                    compute: torch.dtype = torch.float32, resume: bool = False) -> None:  # fmt: skip
+    """One rank: load the tiny model into (tp, pp) shards, data parallel over ``world / (tp pp)``
+    (data-parallel rank ``d`` takes micro-batches ``d, d + dp, ...``), one step on the random
+    micro-batches; saves losses, local grads (megatron names), grad norm, and the exported HF
+    weights. ``resume``: then a checkpoint (``out/ckpt``), a second learner from the base weights
+    restored from it, and one more step of both on the same micro-batches (their exported weights:
+    ``next`` and ``resumed``), then a step whose loss is NaN on data-parallel rank 0 (``nan_skipped``,
+    ``after_nan``)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from visurf_engine.learners.megatron.convert import Layout
-    from visurf_engine.learners.megatron.learner import MegatronLearner
     from visurf_engine.parallel.world import World
     from visurf_engine.parallel.megatron import init_megatron
 
     dp = init_megatron(World(rank=rank, size=world), tp, pp, seed=0)
     model = tiny_vl_model(tied=tied)
-    learner = MegatronLearner(tiny_policy(model), Layout.from_hf_config(model.config, tp, pp), SPEC, dp, **OPTIM)
-    results = learner.forward_backward(random_micro_batches(model))
+    micro = random_micro_batches(model)[dp.rank :: dp.size]
+    learner = megatron_learner(model, tp, pp, dp, compute)
+    learner.set_lr(2 * OPTIM["lr"])  # reaches the param groups that megatron's optimizer steps with
+    assert learner.lr == 2 * OPTIM["lr"] and {g["lr"] for g in learner.optimizer.optimizer.param_groups} == {learner.lr}
+    learner.set_lr(OPTIM["lr"])
+    results = learner.forward_backward(micro)
     grads = {k: p.main_grad.clone() for k, p in learner.module.named_parameters()}
     norm = learner.step(MAX_NORM).grad_norm
-    with torch.no_grad():
-        state = model.state_dict(keep_vars=True)
-        for name, value in learner.export_weights():
-            state[name].copy_(value)
-    torch.save(
-        {"losses": torch.stack([r[0] for r in results]), "grads": grads, "norm": norm, "weights": model.state_dict()},
-        Path(out) / f"rank{rank}.pt",
-    )
+    exported = lambda lrn: {k: v.clone() for k, v in lrn.export_weights()}  # noqa: E731
+    saved = {"losses": torch.stack([r[0] for r in results]), "grads": grads, "norm": norm, "weights": exported(learner)}
+    if resume:
+        (Path(out) / "ckpt").mkdir(exist_ok=True)
+        learner.save_state(Path(out) / "ckpt", World(rank=rank, size=world))
+        dist.barrier()  # a shard is restored from every data-parallel rank's file
+        second = megatron_learner(tiny_vl_model(tied=tied), tp, pp, dp, compute)
+        second.load_state(Path(out) / "ckpt", rank)
+        saved["restored"] = exported(second)
+        for lrn in (learner, second):
+            lrn.forward_backward(micro)
+            lrn.step(MAX_NORM)
+        saved["next"], saved["resumed"] = exported(learner), exported(second)
+        nan = float("nan")  # data-parallel rank 0's loss non-finite: no rank may step
+        poisoned = [replace(x, adv=torch.full_like(x.adv, nan)) if dp.rank == 0 else x for x in micro]
+        losses = learner.forward_backward(poisoned)
+        update = learner.step(MAX_NORM, loss_finite=all(bool(torch.isfinite(loss)) for loss, _ in losses))
+        saved["nan_skipped"], saved["after_nan"] = update.skipped, exported(learner)
+    torch.save(saved, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def tiny_policy(model):
+def tiny_policy(model, precision=None):
     """``model`` as a ``Policy`` (with a throw-away tokenizer: the fixtures' batches carry their own ids)."""
     from visurf_engine.models.hf import ImageOnlyProcessor, image_processor_for
     from visurf_engine.models.policy import Policy
+    from visurf_engine.models.precision import Precision
     from visurf_engine.models.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(["a tokenizer for the policy wrapper; the micro-batches carry their own ids"])
-    return Policy(model, ImageOnlyProcessor(image_processor_for(56 * 56), tokenizer, chat_template=tokenizer.chat_template))
+    processor = ImageOnlyProcessor(image_processor_for(56 * 56), tokenizer, chat_template=tokenizer.chat_template)
+    return Policy(model, processor, precision=precision or Precision())
 
 
 def hf_learner_step(model, micro: list[MicroBatch]) -> dict:

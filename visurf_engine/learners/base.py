@@ -144,9 +144,13 @@ class Learner(ABC):
         norm = self.clip_grads(grad_clip)
         skip = any_rank(not (loss_finite and math.isfinite(norm)), self.run_world)
         if not skip:
-            self.optimizer.step()
+            self.optimizer_step()
         self.zero_grads()
         return Update(norm, skip)
+
+    def optimizer_step(self) -> None:
+        """Update the weights from the clipped gradients (``step`` calls it unless it skips)."""
+        self.optimizer.step()
 
     @abstractmethod
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -203,18 +207,10 @@ def lockstep_split(batching: Batching, seq_tokens: Sequence[int], world: World) 
     return batching.split(seq_tokens, parts)
 
 
-def clip_grad_norm(
-    params: Sequence[torch.nn.Parameter], max_norm: float, *, counted: Sequence[torch.Tensor] | None = None, group=None
-) -> float:
-    """Scale the gradients of ``params`` by ``min(1, max_norm / (|g| + 1e-6))`` and return ``|g|``.
-
-    ``|g|`` is the L2 norm of the gradients ``counted`` (default: those of ``params``); with a
-    process ``group`` (model parallel: each rank holds different parameters) the squares are
-    summed over it first. Without a group this is ``torch.nn.utils.clip_grad_norm_`` exactly.
-    """
-    grads = [g for g in (counted if counted is not None else [p.grad for p in params]) if g is not None]
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients of ``params`` by ``min(1, max_norm / (|g| + 1e-6))`` and return ``|g|``,
+    their L2 norm: ``torch.nn.utils.clip_grad_norm_`` exactly."""
+    grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    if group is not None:
-        norm = all_reduce(norm.double().square(), group).sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)

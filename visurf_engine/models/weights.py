@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -60,15 +60,41 @@ def module_specs(model: torch.nn.Module) -> tuple[dict[str, TensorSpec], dict[st
     return named_specs(model.named_parameters(remove_duplicate=False))
 
 
+def _checkpoint_files(model_dir: Path) -> list[str]:
+    index = model_dir / "model.safetensors.index.json"
+    return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+
+
 def checkpoint_specs(model_dir: str | Path) -> dict[str, TensorSpec]:
     """Names, shapes and dtypes stored in a safetensors checkpoint directory (one file or an index of shards)."""
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     specs = {}
-    for file in files:
+    for file in _checkpoint_files(model_dir):
         with safe_open(str(model_dir / file), framework="pt") as f:
             for name in f.keys():
                 sl = f.get_slice(name)
                 specs[name] = TensorSpec(tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
     return specs
+
+
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors checkpoint directory by checkpoint name, each read from disk
+    (in ``dtype``, on the CPU) only when it is looked up: a consumer that takes one tensor at a
+    time holds one at a time (``learners.megatron.convert.hf_to_megatron``)."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype):
+        self.dir, self.dtype = Path(model_dir), dtype
+        self.file = {}
+        for file in _checkpoint_files(self.dir):
+            with safe_open(str(self.dir / file), framework="pt") as f:
+                self.file |= dict.fromkeys(f.keys(), file)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.dir / self.file[name]), framework="pt") as f:
+            return f.get_tensor(name).to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.file)
+
+    def __len__(self) -> int:
+        return len(self.file)

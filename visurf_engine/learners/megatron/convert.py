@@ -1,8 +1,9 @@
 """HF <-> Megatron weight conversion for the Qwen2-VL / Qwen2.5-VL policy (pure tensor maps).
 
-``hf_to_megatron`` cuts a full HF state dict into the shard held by pipeline stage ``p`` and
-tensor rank ``r``; ``megatron_to_hf`` rebuilds the HF tensors owned by one stage from that
-stage's ``tp`` shards. Both directions copy values only (cat / chunk / view), so a round
+``hf_to_megatron`` cuts a full HF state dict (read by name: a lazy checkpoint reader works)
+into the shard held by pipeline stage ``p`` and tensor rank ``r``; ``megatron_to_hf`` rebuilds
+the HF tensors of one stage's Megatron tensors (all of them, or any subset) from their ``tp``
+shards. Both directions copy values only (cat / chunk / view), so a round
 trip is bit-exact. Names of the Megatron side are those of ``model.QwenVLMegatron``
 (``language_model.*`` = the megatron-core ``GPTModel`` with the local layer spec,
 ``visual.*`` = the transformers vision tower, on stage 0 only).
@@ -154,40 +155,54 @@ def _split_qkv(fused: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Te
 
 
 def hf_to_megatron(hf: Mapping[str, torch.Tensor], lay: Layout, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-    """The Megatron state dict of rank ``tp_rank`` on stage ``pp_rank`` (contiguous copies)."""
-    hf = {canonical_hf_name(k): v for k, v in hf.items()}
+    """The Megatron state dict of rank ``tp_rank`` on stage ``pp_rank`` (contiguous copies).
+
+    ``hf`` is read by name, only the tensors of the stage: each slice is copied as it is cut, so
+    through a lazy mapping (``models.weights.CheckpointTensors``) no more than the few whole
+    tensors of one layer are held at a time."""
+    names = {canonical_hf_name(k): k for k in hf}
     r, tp = tp_rank, lay.tp
+    out = {}
+
+    def get(name):
+        return hf[names[name]]
+
+    def put(name, w):
+        out[name] = w.contiguous().clone()
 
     def col(w):
         return w.chunk(tp, dim=0)[r]
 
-    out = {}
     first = lay.layers_per_stage * pp_rank
     for j in range(lay.layers_per_stage):
         src, dst = f"{LM}layers.{first + j}.", f"language_model.decoder.layers.{j}."
         for kind in ("weight", "bias"):
-            q, k, v = (hf[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv")
-            out[f"{dst}self_attention.linear_qkv.{kind}"] = col(_fuse_qkv(q, k, v, lay))
-        gate, up = hf[f"{src}mlp.gate_proj.weight"], hf[f"{src}mlp.up_proj.weight"]
-        out[f"{dst}mlp.linear_fc1.weight"] = torch.cat([col(gate), col(up)])
+            q, k, v = (get(f"{src}self_attn.{x}_proj.{kind}") for x in "qkv")
+            put(f"{dst}self_attention.linear_qkv.{kind}", col(_fuse_qkv(q, k, v, lay)))
+        gate, up = get(f"{src}mlp.gate_proj.weight"), get(f"{src}mlp.up_proj.weight")
+        put(f"{dst}mlp.linear_fc1.weight", torch.cat([col(gate), col(up)]))
         for hf_suffix, (mg_suffix, dim) in _PLAIN.items():
-            w = hf[src + hf_suffix]
-            out[dst + mg_suffix] = w if dim is None else w.chunk(tp, dim=dim)[r]
-    embed = _pad_rows(hf[LM + "embed_tokens.weight"], lay.padded_vocab)
+            w = get(src + hf_suffix)
+            put(dst + mg_suffix, w if dim is None else w.chunk(tp, dim=dim)[r])
     if pp_rank == 0:
-        out["language_model.embedding.word_embeddings.weight"] = col(embed)
-        out |= {"visual." + k[len("model.visual.") :]: v for k, v in hf.items() if k.startswith("model.visual.")}
+        embed = _pad_rows(get(LM + "embed_tokens.weight"), lay.padded_vocab)
+        put("language_model.embedding.word_embeddings.weight", col(embed))
+        for name in names:
+            if name.startswith("model.visual."):
+                put("visual." + name[len("model.visual.") :], get(name))
     if pp_rank == lay.pp - 1:
-        out["language_model.decoder.final_layernorm.weight"] = hf[LM + "norm.weight"]
-        if not lay.tied:
-            out["language_model.output_layer.weight"] = col(_pad_rows(hf["lm_head.weight"], lay.padded_vocab))
-        elif lay.pp > 1:
-            out["language_model.output_layer.weight"] = col(embed)
-    return {k: v.contiguous().clone() for k, v in out.items()}
+        put("language_model.decoder.final_layernorm.weight", get(LM + "norm.weight"))
+        if not lay.tied or lay.pp > 1:  # tied with pp > 1: the last stage's copy of the embedding
+            head = get(LM + "embed_tokens.weight" if lay.tied else "lm_head.weight")
+            put("language_model.output_layer.weight", col(_pad_rows(head, lay.padded_vocab)))
+    return out
 
 
 def megatron_to_hf(shards: Sequence[Mapping[str, torch.Tensor]], lay: Layout, pp_rank: int) -> dict[str, torch.Tensor]:
-    """The HF tensors owned by stage ``pp_rank``, from its ``tp`` shards (index = tensor rank)."""
+    """The HF tensors of stage ``pp_rank``'s Megatron tensors, from its ``tp`` shards (index =
+    tensor rank). The shards may hold any subset of the stage's names (every tensor maps on its
+    own: ``MegatronLearner.export_weights`` converts one at a time); the last stage's copy of a
+    tied embedding gives nothing (stage 0 exports ``lm_head``)."""
     if len(shards) != lay.tp:
         raise ValueError(f"expected {lay.tp} tensor-parallel shards, got {len(shards)}")
     shards = [
@@ -215,14 +230,14 @@ def megatron_to_hf(shards: Sequence[Mapping[str, torch.Tensor]], lay: Layout, pp
         else:
             hf_suffix, dim = next((h, d) for h, (m, d) in _PLAIN.items() if m == suffix)
             out[dst + hf_suffix] = rank0[name] if dim is None else cat(name, dim)
-    if pp_rank == 0:
+    if "language_model.embedding.word_embeddings.weight" in rank0:  # stage 0
         embed = cat("language_model.embedding.word_embeddings.weight")[: lay.vocab]
         out[LM + "embed_tokens.weight"] = embed
         if lay.tied:
             out["lm_head.weight"] = embed
-        out |= {"model.visual." + k[len("visual.") :]: v for k, v in rank0.items() if k.startswith("visual.")}
-    if pp_rank == lay.pp - 1:
+    out |= {"model.visual." + k[len("visual.") :]: v for k, v in rank0.items() if k.startswith("visual.")}
+    if "language_model.decoder.final_layernorm.weight" in rank0:  # the last stage
         out[LM + "norm.weight"] = rank0["language_model.decoder.final_layernorm.weight"]
-        if not lay.tied:
-            out["lm_head.weight"] = cat("language_model.output_layer.weight")[: lay.vocab]
+    if "language_model.output_layer.weight" in rank0 and not lay.tied:
+        out["lm_head.weight"] = cat("language_model.output_layer.weight")[: lay.vocab]
     return {k: v.contiguous().clone() for k, v in out.items()}
