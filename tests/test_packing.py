@@ -2,9 +2,9 @@
 per row, on a tiny random Qwen2.5-VL (float32).
 
 The same members (a group with completions of 1 to 40 tokens, a single-member group, a group
-of three; two image sizes) go through ``HFLearner.forward_backward`` twice: padded, vision per
-member; packed, vision once, with a token budget that puts a micro-batch boundary inside the
-first group. Per-token log-probs and entropy agree to 2e-5 (absolute; float32 sums in another
+of three; two image sizes) go through ``HFLearner.forward_backward``: padded, vision per member;
+packed, vision once, with a token budget that puts a micro-batch boundary inside the first
+group; and packed with each group's prompt once (shared prompts). Per-token log-probs and entropy agree to 2e-5 (absolute; float32 sums in another
 order), the loss to 1e-6 relative, and every parameter's gradient, the vision tower's
 included, to 1e-5 of its largest entry (the megatron tests' bound).
 """
@@ -26,6 +26,7 @@ from visurf_engine.parallel.world import World
 SPEC = LossSpec(temperature=0.9, eps_low=0.2, eps_high=0.28, dual_clip=3.0, backend="torch", with_entropy=True)
 PADDED = Batching(pack=False, vision_once=False, max_seqs=3)
 PACKED = Batching(pack=True, vision_once=True, max_tokens=100)
+SHARED = Batching(pack=True, vision_once=True, max_tokens=100, share_prompts=True)
 GRIDS = [(1, 4, 4), (1, 4, 6), (1, 4, 4)]  # 4, 6, 4 merged image tokens
 LENGTHS = [[1, 40, 3, 17], [9], [5, 2, 28]]  # completions per prompt: a long one, a single-member group
 
@@ -50,7 +51,8 @@ def _members(config, seed=1) -> Members:
     prompt = torch.tensor([p for p, lens in enumerate(LENGTHS) for _ in lens])
     tokens = [torch.randint(config.text_config.vocab_size - 4, (n,), generator=g).tolist() for lens in LENGTHS for n in lens]
     m = len(tokens)
-    return Members(prompt, tokens, torch.randn(m, generator=g), torch.zeros(m, dtype=torch.bool), torch.arange(m) % 4 == 3)
+    return Members(prompt, tokens, torch.randn(m, generator=g), torch.zeros(m, dtype=torch.bool),
+                   (torch.arange(m) % 4 == 3).long(), torch.zeros(m, dtype=torch.long))  # every 4th member: the logprob objective
 
 
 def _step(batching: Batching):
@@ -71,9 +73,10 @@ def _step(batching: Batching):
     return sum(loss for loss, _ in out), stats, grads, parts, calls, micro
 
 
-def test_packed_vision_once_equals_padded_per_member():
+@pytest.mark.parametrize("layout", [PACKED, SHARED], ids=["packed", "shared-prompts"])
+def test_packed_vision_once_equals_padded_per_member(layout):
     loss_p, stats_p, grads_p, _, calls_p, _ = _step(PADDED)
-    loss_k, stats_k, grads_k, parts, calls_k, micro = _step(PACKED)
+    loss_k, stats_k, grads_k, parts, calls_k, micro = _step(layout)
     first_group = range(len(LENGTHS[0]))
     assert any(0 < r.start < first_group.stop for r in parts), "no micro-batch boundary inside the first group"
     assert all(x.batch.cu_seqlens is not None and x.batch.input_ids.shape[0] == 1 for x in micro)
@@ -143,3 +146,24 @@ def test_no_grad_scoring_runs_vision_once_per_prompt_and_matches_padded():
     assert calls == [len(GRIDS)]
     padded = policy.logprobs(prompts, members.prompt.tolist(), members.tokens, spec, PADDED)
     torch.testing.assert_close(packed, padded, rtol=0, atol=2e-5)
+
+
+def test_shared_prompts_keep_each_completions_positions_and_attend_only_to_its_prompt():
+    """With shared prompts each completion token sits at the mRoPE position it has in its own
+    sequence, the row is shorter by the repeated prompts, and changing one completion changes
+    no other completion's hidden states (its siblings share the prompt, not each other)."""
+    model = tiny_vl_model()
+    policy = tiny_policy(model)
+    prompts, members = _prompts(model.config), _members(model.config)
+    idx, tokens = members.prompt.tolist(), [list(t) for t in members.tokens]
+    packed, shared = (policy.collate(prompts, idx, tokens, b) for b in (Batching(pack=True), SHARED))
+    columns = lambda b: b.positions[:, 1]  # noqa: E731  the column predicting each completion token
+    assert torch.equal(packed.position_ids[0, 0, columns(packed)], shared.position_ids[0, 0, columns(shared)])
+    prompt_tokens = sum(len(p) for p in prompts.input_ids)
+    assert shared.input_ids.shape[1] == prompt_tokens + sum(map(len, tokens)) < packed.input_ids.shape[1]
+    changed = [list(t) for t in tokens]
+    changed[1] = [(t + 7) % 100 for t in changed[1]]
+    others = torch.repeat_interleave(torch.arange(len(tokens)) != 1, torch.tensor([len(t) for t in tokens]))
+    with torch.no_grad():
+        a, b = (policy.completion_hidden(policy.collate(prompts, idx, t, SHARED)) for t in (tokens, changed))
+    assert torch.equal(a[others], b[others]) and not torch.equal(a[~others], b[~others])

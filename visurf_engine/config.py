@@ -154,6 +154,7 @@ class TrainConfig:
     batch_size: int = 8  # prompts per step (each brings G rollouts [+ gold])
     pack: bool = True  # packed sequences (no padding, attention within each sequence); false: right-padded rows
     vision_once: bool = True  # the vision tower once per prompt image per forward, shared by its members
+    share_prompts: bool = True  # packed: a group's members share one copy of their prompt in the row (the prompt's forward and backward once)
     max_tokens_per_micro_batch: int = 8192  # packed: tokens (prompt + completion) per forward/backward
     activation_checkpointing: bool = False  # recompute each decoder layer and vision block in backward (hf, fsdp)
     micro_batch_size: int = 16  # padded (train.pack=false): sequences per forward/backward

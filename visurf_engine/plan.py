@@ -142,15 +142,17 @@ class Workload:
 def workload(cfg: Config, patches_per_image: int, prompt_text_tokens: int = 64) -> Workload:
     """The largest micro-batch ``cfg`` forms: packed, ``train.max_tokens_per_micro_batch`` tokens
     of sequences ``P + C`` long (``P``: the image's tokens, ``patches / 4``, and the text;
-    ``C = rollout.max_new_tokens``), G + 1 members a prompt sharing one image (``vision_once``);
-    padded (``train.pack=false``, and always with ``model.backend=megatron``), ``train.micro_batch_size``
+    ``C = rollout.max_new_tokens``), G + 1 members a prompt sharing one image (``vision_once``) and,
+    with ``train.share_prompts``, one copy of the prompt in the row; padded (``train.pack=false``, and always with ``model.backend=megatron``), ``train.micro_batch_size``
     such sequences."""
     t, r = cfg.train, cfg.rollout
-    seq = patches_per_image // 4 + prompt_text_tokens + r.max_new_tokens
+    prompt = patches_per_image // 4 + prompt_text_tokens
+    seq = prompt + r.max_new_tokens
     pack = t.pack and cfg.model.backend != "megatron"
     seqs = max(1, t.max_tokens_per_micro_batch // seq) if pack else t.micro_batch_size
     prompts = min(seqs, math.ceil(seqs / (r.n + 1)) + 1) if t.vision_once else seqs
-    return Workload(tokens=seqs * seq, patches=prompts * patches_per_image, completion_tokens=seqs * r.max_new_tokens,
+    tokens = prompts * prompt + seqs * r.max_new_tokens if pack and t.share_prompts else seqs * seq
+    return Workload(tokens=tokens, patches=prompts * patches_per_image, completion_tokens=seqs * r.max_new_tokens,
                     sequences=seqs)  # fmt: skip
 
 

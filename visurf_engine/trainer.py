@@ -79,7 +79,8 @@ class Trainer:
         if t.pack and not self.learner.packs:
             log.info("model.backend=%s trains padded rows: train.pack does not apply", cfg.model.backend)
         self.batching = Batching(pack=t.pack and self.learner.packs, vision_once=t.vision_once,
-                                 max_tokens=t.max_tokens_per_micro_batch, max_seqs=t.micro_batch_size)  # fmt: skip
+                                 max_tokens=t.max_tokens_per_micro_batch, max_seqs=t.micro_batch_size,
+                                 share_prompts=t.share_prompts)  # fmt: skip
         self.paradigm = get_paradigm(cfg.algo.paradigm)
         self.knobs = dataclasses.asdict(cfg.algo)  # what the paradigm's phases read
         self.sft_steps = cfg.algo.sft_steps if cfg.algo.sft_steps >= 0 else t.steps // 2

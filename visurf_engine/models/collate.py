@@ -7,13 +7,22 @@ S sequences, sequence s = prompt ``idx[s]`` (``P_s`` tokens, one image) + comple
 - **padded**: ``R = S`` rows right-padded to ``T = max_s L_s``, ``attention_mask[S, T]``;
 - **packed**: one row of the S sequences back to back, ``T = sum_s L_s``, no padding, and
   ``cu_seqlens = [0, L_1, L_1 + L_2, ..., T]``: attention stays within each sequence
-  (``models.attention``: flash-attn varlen on CUDA, per-sequence SDPA elsewhere).
+  (``models.attention``: a varlen kernel on CUDA, per-sequence SDPA elsewhere);
+- **packed, shared prompts** (``share_prompts``): the sequences of one prompt that follow each
+  other in ``idx`` (a group's G + 1 members) are one *group* ``[prompt, c_1, ..., c_k]``: the prompt
+  once, then each completion, ``T = sum_g (P_g + sum_i C_i)``. ``cu_seqlens`` are the boundaries
+  of the segments (each prompt, each completion) and ``segment_prefix[j]`` the prompt segment
+  completion segment j attends to (a prompt segment: itself): a completion's queries attend to
+  its prompt and, causally, to itself, exactly what they attend to in its own sequence, so the
+  prompt's forward and backward run once per group instead of k times.
 
 ``position_ids[3, R, T]`` are each sequence's own mRoPE positions (temporal, height, width),
 from the model's ``get_rope_index`` run on that sequence alone, so a packed sequence has
-exactly the positions it has unpacked. ``positions[N, 2]`` (row, column) locate the hidden
+exactly the positions it has unpacked (a shared prompt's completions continue from its last
+position, as each would after its own copy). ``positions[N, 2]`` (row, column) locate the hidden
 states that predict the ``N = sum_s C_s`` completion tokens: column ``o_s + P_s - 1 + j`` for
-token j of sequence s, with ``o_s`` its offset in the row (0 when padded).
+token j of sequence s, with ``o_s`` its offset in the row (0 when padded); with shared prompts,
+the prompt's last column for ``j = 0`` and the completion's own columns after.
 
 Vision: with ``vision_once`` the batch carries the I distinct prompt images of its sequences
 once and ``image_of_seq[s]`` names each sequence's image, so the vision tower runs I times,
@@ -45,6 +54,7 @@ class Batching:
     vision_once: bool = True
     max_tokens: int = 8192
     max_seqs: int = 16
+    share_prompts: bool = False  # packed: a group's consecutive sequences share one copy of their prompt
 
     def split(self, seq_tokens: Sequence[int], parts: int | None = None) -> list[range]:
         """Consecutive micro-batches over sequences of ``seq_tokens[s]`` tokens: packed, as many
@@ -87,13 +97,14 @@ class SequenceBatch:
     input_ids: torch.Tensor  # [R, T]
     position_ids: torch.Tensor  # [3, R, T] mRoPE positions
     attention_mask: torch.Tensor | None  # [R, T] padded; None packed
-    cu_seqlens: torch.Tensor | None  # [S + 1] int32 packed; None padded
+    cu_seqlens: torch.Tensor | None  # [segments + 1] int32 packed; None padded
     pixel_values: torch.Tensor  # [patches, C*T*p*p] of the batch's I images
     image_grid_thw: torch.Tensor  # [I, 3]
-    image_of_seq: torch.Tensor  # [S] int64: the image of each sequence
+    image_of_seq: torch.Tensor  # int64: the image of each prompt copy in the batch (a sequence's; a group's when shared)
     positions: torch.Tensor  # [N, 2] (row, column) of the hidden state predicting each completion token
     targets: torch.Tensor  # [N] completion token ids
     lengths: torch.Tensor  # [S] completion lengths
+    segment_prefix: torch.Tensor | None = None  # [segments] int64, shared prompts: each segment's prompt segment
 
     def lm_kwargs(self) -> dict:
         """The language-model keyword arguments (no vision) of this batch."""
@@ -102,6 +113,8 @@ class SequenceBatch:
             longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
             kw |= {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
                    "max_length_q": longest, "max_length_k": longest}  # fmt: skip
+        if self.segment_prefix is not None:
+            kw["segment_prefix"] = self.segment_prefix
         return kw
 
 
@@ -117,6 +130,8 @@ def collate(
 ) -> SequenceBatch:
     """``SequenceBatch`` of the sequences ``prompts[idx[s]] + completions[s]`` (module docstring)."""
     idx = list(idx)
+    if batching.pack and batching.share_prompts:
+        return _collate_shared(prompts, idx, completions, rope_index=rope_index, device=device)
     images = list(dict.fromkeys(idx)) if batching.vision_once else idx
     slot = {p: k for k, p in enumerate(images)}
     image_of_seq = torch.tensor([slot[p] for p in idx] if batching.vision_once else range(len(idx)), dtype=torch.long)
@@ -156,4 +171,50 @@ def collate(
         positions=positions.to(device),
         targets=torch.cat([torch.tensor(c, dtype=torch.long) for c in completions]).to(device),
         lengths=torch.tensor([len(c) for c in completions]),
+    )
+
+
+def _collate_shared(prompts: Prompts, idx: list[int], completions: Sequence[Sequence[int]], *, rope_index: RopeIndex,
+                    device: torch.device) -> SequenceBatch:  # fmt: skip
+    """The packed row with each group's prompt once (module docstring: packed, shared prompts)."""
+    groups: list[tuple[int, list[int]]] = []  # (prompt, its sequences), runs of one prompt in idx
+    for s, p in enumerate(idx):
+        if groups and groups[-1][0] == p:
+            groups[-1][1].append(s)
+        else:
+            groups.append((p, [s]))
+    images = list(dict.fromkeys(idx))
+    ids, pos, bounds, prefix, where = [], [], [0], [], [None] * len(idx)
+    for p, members in groups:
+        prompt = prompts.input_ids[p]
+        grid = prompts.image_grid_thw[p]
+        prompt_pos = rope_index(prompt[None], prompts.mm_token_type_ids[p][None], image_grid_thw=grid[None])[0][:, 0]
+        start, last, prompt_segment = bounds[-1], prompt_pos.max(), len(bounds) - 1
+        ids.append(prompt)
+        pos.append(prompt_pos)
+        bounds.append(start + len(prompt))
+        prefix.append(prompt_segment)
+        for s in members:
+            c = torch.tensor(completions[s], dtype=torch.long)
+            where[s] = (start + len(prompt) - 1, bounds[-1])  # (the prompt's last column, the completion's first)
+            ids.append(c)
+            pos.append((last + 1 + torch.arange(len(c))).expand(3, -1))
+            prefix.append(prompt_segment)
+            bounds.append(bounds[-1] + len(c))
+    columns = torch.cat([torch.cat([torch.tensor([last]), first + torch.arange(len(c) - 1)]) if len(c) else
+                         torch.zeros(0, dtype=torch.long)
+                         for (last, first), c in zip(where, completions)])  # fmt: skip
+    slot = {p: k for k, p in enumerate(images)}
+    return SequenceBatch(
+        input_ids=torch.cat(ids)[None].to(device),
+        position_ids=torch.cat(pos, dim=1)[:, None].to(device),
+        attention_mask=None,
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32).to(device),
+        pixel_values=torch.cat([prompts.pixel_values[p] for p in images]).to(device),
+        image_grid_thw=torch.stack([prompts.image_grid_thw[p] for p in images]).to(device),
+        image_of_seq=torch.tensor([slot[p] for p, _ in groups], dtype=torch.long),
+        positions=torch.stack([torch.zeros_like(columns), columns], dim=1).to(device),
+        targets=torch.cat([torch.tensor(c, dtype=torch.long) for c in completions]).to(device),
+        lengths=torch.tensor([len(c) for c in completions]),
+        segment_prefix=torch.tensor(prefix, dtype=torch.long),
     )
