@@ -8,8 +8,8 @@ present- and absent-object prompts (the config's ``data.eval_*``):
 - ``p_empty``: the policy's probability of the empty answer at the decision point. The tokenizer
   merges ``>[]</`` and ``>[{"`` into single tokens, so after ``<answer`` one token decides between
   "no object" and a box: ``p_empty`` / ``p_box`` are those two tokens' probabilities there, after
-  the policy's own greedy prefix (teacher-forced, the fused no-grad pass); ``p_empty > p_box``
-  is where greedy decoding flips to ``[]``;
+  the policy's own greedy prefix up to that token (teacher-forced, the fused no-grad pass);
+  ``p_empty > p_box`` is where greedy decoding flips to ``[]``;
 - ``sampled_empty``: the share of ``--samples`` sampled completions (the run's temperature) that
   answer ``[]``;
 - on present prompts, what training would do with a step's groups at that checkpoint: the run's
@@ -49,13 +49,13 @@ def token_id(tokenizer, piece: str) -> int:
 def decision(trainer: Trainer, rows) -> dict[str, float]:
     """Greedy ``[]`` share, and the mean probabilities of the empty / box token after ``<answer``."""
     policy, tok = trainer.policy, trainer.policy.tokenizer
-    empty, box, answer = token_id(tok, EMPTY), token_id(tok, BOX), tok("<answer", add_special_tokens=False)["input_ids"]
+    empty, box = token_id(tok, EMPTY), token_id(tok, BOX)
     prompts = policy.encode([r.problem for r in rows], [r.image for r in rows])
     greedy = trainer.rollout.greedy(prompts)
     texts = tok.batch_decode(greedy, skip_special_tokens=True)
     prefixes, idx = [], []
-    for i, ids in enumerate(greedy):
-        at = next((j + len(answer) for j in range(len(ids)) if ids[j : j + len(answer)] == answer), None)
+    for i, ids in enumerate(greedy):  # the greedy prefix up to the decision token (empty or box), when there is one
+        at = next((j for j, t in enumerate(ids) if t in (empty, box)), None)
         if at is not None:
             prefixes.append(ids[:at])
             idx.append(i)
