@@ -10,9 +10,10 @@ training step well under a second on 2 CPU cores.
 
 from __future__ import annotations
 
-from typing import Iterable
+import re
+from typing import Iterable, Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig
 
 SPECIAL_TOKENS = (
@@ -37,8 +38,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE over ``corpus`` (any text stays encodable through the byte alphabet)."""
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512, atomic: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over ``corpus`` (any text stays encodable through the byte alphabet).
+
+    Each string of ``atomic`` becomes one added (non-special, so decoded) token, appended after
+    the ``vocab_size`` BPE entries: encoding splits it off before BPE, so no merge spans it, and
+    the BPE is learnt on the corpus split the same way."""
+    if atomic:
+        split = re.compile("|".join(map(re.escape, atomic)))
+        corpus = (piece for text in corpus for piece in split.split(text) if piece)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -49,6 +57,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in atomic])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

@@ -60,6 +60,7 @@ from .probe import make_probe_split
 log = logging.getLogger(__name__)
 
 POLICY_STYLE = "spaced"  # how the warm-started policy writes its answers
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # the template's tags (kept whole with warmstart.atomic_tags)
 VERSION = 2  # bump when the recipe changes, to invalidate caches
 # The recipe's batches: padded rows, an image per row (the layout VERSION 2 was built with; the
 # packed layout is the same math in another summation order, and would change the cached model).
@@ -86,6 +87,7 @@ def recipe(cfg: Config) -> dict:
         "train_size": ws.train_size,
         "probe_share": ws.probe_share,
         "direct_share": ws.direct_share,
+        "atomic_tags": ws.atomic_tags,
         "seed": cfg.data.seed,
     }
 
@@ -175,7 +177,7 @@ def save_base_model(cfg: Config, out: Path, *, progress: bool = True) -> float:
     probes = [(r, probe_target(r)) for r in probe_rows]
     corpus = [r.problem for r, _ in examples + probes] + [t for _, t in examples + probes]
     corpus += [spec.answer(r.solution, s) for r in rows[:500] for s in spec.styles] + [spec.answer([], s) for s in spec.styles]
-    tokenizer = train_tokenizer(corpus)
+    tokenizer = train_tokenizer(corpus, atomic=TAGS if ws.atomic_tags else ())
     images = image_processor_for(generator.SIZE * generator.SIZE, kind=cfg.model.image_processor)
     processor = ImageOnlyProcessor(images, tokenizer, chat_template=tokenizer.chat_template)
     torch.manual_seed(cfg.data.seed)
