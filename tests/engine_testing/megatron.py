@@ -120,7 +120,7 @@ def hf_oracle(model, micro: list[MicroBatch]) -> dict:
         losses.append(loss.detach())
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-    opt = torch.optim.AdamW(model.parameters(), **OPTIM)
+    opt = torch.optim.AdamW(model.parameters(), fused=True, **OPTIM)  # the learners' (learners.base.adamw)
     opt.step()
     return {"losses": torch.stack(losses), "grads": grads, "norm": float(norm), "weights": model.state_dict()}
 

@@ -56,7 +56,7 @@ from ..models.policy import Batching, Policy, Prompts
 from ..models.precision import Precision
 from ..models.weights import checkpoint_name, checkpoint_specs, module_specs
 from ..parallel.world import World, backend_for
-from .base import Learner, LossStats, MicroBatch
+from .base import Learner, LossStats, MicroBatch, adamw
 from .checkpointing import apply_activation_checkpointing
 from .forward import PolicyForward, forward_logprobs
 from .reference import Reference
@@ -147,9 +147,7 @@ class FSDPLearner(Learner):
         self.precision = precision
         self.policy = Policy(root.model, processor, dp.device, precision)
         self.params = [p for p in root.parameters() if p.requires_grad]
-        # foreach over DTensor shards; fused AdamW where the parameters live on the GPU
-        fused = {"fused": True} if self.params[0].device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay, **fused)
+        self.optimizer = adamw(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
 
     @classmethod
     def load(cls, path: str | Path, processor: ImageOnlyProcessor, precision: Precision, spec: LossSpec, dp: World,

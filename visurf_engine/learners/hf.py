@@ -24,7 +24,7 @@ from visurf_kernels import LossSpec
 
 from ..models.policy import Batching, Policy, Prompts
 from ..parallel.world import World, sum_comm_hook
-from .base import Learner, LossStats, MicroBatch, clip_grad_norm
+from .base import Learner, LossStats, MicroBatch, adamw, clip_grad_norm
 from .checkpointing import apply_activation_checkpointing
 from .forward import PolicyForward, forward_logprobs
 
@@ -42,7 +42,7 @@ class HFLearner(Learner):
             self.ddp = DistributedDataParallel(self.forward_module, process_group=dp.group, broadcast_buffers=False,
                                                gradient_as_bucket_view=True)  # fmt: skip
             self.ddp.register_comm_hook(dp.group, sum_comm_hook)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        self.optimizer = adamw(self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
 
     def forward_backward(self, micro: Sequence[MicroBatch]) -> list[LossStats]:
         out = []

@@ -187,6 +187,8 @@ def save_base_model(cfg: Config, out: Path, *, progress: bool = True) -> float:
     policy = Policy(model, processor)
     learner = HFLearner(policy, LossSpec(backend=cfg.loss.backend), World(), lr=ws.lr, betas=(0.9, 0.999),
                         weight_decay=0.0)  # fmt: skip
+    # the recipe's optimizer: torch's per-tensor AdamW, as VERSION 2 was built (the learners' fused one rounds differently)
+    learner.optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, betas=(0.9, 0.999), weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.data.seed)
     model.train()
     bar = tqdm(range(ws.steps), desc="warm start (positive-only SFT)", disable=not progress, dynamic_ncols=True)
