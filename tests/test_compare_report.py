@@ -46,16 +46,48 @@ def test_summary_and_results_table():
     assert sft["seeds"] == [0, 1] and sft["wall_s"]["mean"] == 12.0
     assert s["base"]["giou"] == {"mean": pytest.approx(0.1), "std": pytest.approx(0.0), "n": 3}
     table = format_results_table(s).splitlines()
-    assert table[0] == "| configuration | gIoU | N-Acc | bbox_acc | probe acc | Δ probe acc | seeds | wall s/run |"
-    assert table[2] == "| base model | 0.100 ± 0.000 | 0.000 ± 0.000 | 0.200 ± 0.000 | 0.800 ± 0.000 | | | |"
-    assert table[3] == "| sft | 0.300 ± 0.141 | 0.600 ± 0.141 | 0.400 ± 0.141 | 0.500 ± 0.141 | -0.300 ± 0.141 | 2 | 12 ± 3 |"
-    assert table[4] == "| visurf | 0.600 | 0.900 | 0.700 | 0.800 | 0.000 | 1 | 20 |"  # one seed: no std
+    assert table[0] == "| configuration | gIoU | N-Acc | bbox_acc | probe acc | Δ probe acc | always `[]` | seeds | wall s/run |"
+    assert table[2] == "| base model | 0.100 ± 0.000 | 0.000 ± 0.000 | 0.200 ± 0.000 | 0.800 ± 0.000 | | | | |"
+    assert table[3] == "| sft | 0.300 ± 0.141 | 0.600 ± 0.141 | 0.400 ± 0.141 | 0.500 ± 0.141 | -0.300 ± 0.141 | 0 | 2 | 12 ± 3 |"
+    assert table[4] == "| visurf | 0.600 | 0.900 | 0.700 | 0.800 | 0.000 | 0 | 1 | 20 |"  # one seed: no std
 
 
 def test_table_without_probe_shows_dashes():
     rows = [result("rlvr", 0, {"giou": 0.5, "n_acc": 0.0, "bbox_acc": 0.5}, base={"giou": 0.1, "n_acc": 0.0, "bbox_acc": 0.2})]
     line = format_results_table(summarise(rows)).splitlines()[3]
-    assert line == "| rlvr | 0.500 | 0.000 | 0.500 | - | - | 1 | 10 |"
+    assert line == "| rlvr | 0.500 | 0.000 | 0.500 | - | - | 0 | 1 | 10 |"
+
+
+def test_always_empty_runs_are_counted():
+    """A run answering [] to (almost) everything: N-Acc >= 0.9 with bbox_acc <= 0.1; the edges included."""
+    finals = [{"n_acc": 1.0, "bbox_acc": 0.01}, {"n_acc": 0.9, "bbox_acc": 0.1}, {"n_acc": 0.89, "bbox_acc": 0.0},
+              {"n_acc": 1.0, "bbox_acc": 0.11}, {"n_acc": 0.5, "bbox_acc": 0.5}]  # fmt: skip
+    assert [report.always_empty(f) for f in finals] == [True, True, False, False, False]
+    rows = [result("visurf", i, f | {"giou": 0.5}) for i, f in enumerate(finals)]
+    assert summarise(rows)["configs"]["visurf"]["always_empty"] == 2
+    assert format_results_table(summarise(rows)).splitlines()[3].split(" | ")[-3] == "2"
+
+
+def test_sweep_groups_by_paradigm_and_value(tmp_path):
+    """The sweep table: per paradigm (the run's algo.paradigm, not its name), per value of the key in
+    the run's config, mean ± std over seeds; the figure is a PNG; the report carries both."""
+    def swept(name, paradigm, share, seed, giou):
+        r = result(name, seed, {"giou": giou, "n_acc": 0.5, "bbox_acc": 0.5, "probe_acc": 0.5})
+        return r | {"config": {"algo": {"paradigm": paradigm}, "data": {"absent_ratio": share}}}
+
+    rows = [swept("visurf", "visurf", 0.5, 0, 0.6), swept("visurf", "visurf", 0.5, 1, 0.8),
+            swept("visurf_a03", "visurf", 0.03, 0, 0.3), swept("sft_a03", "sft", 0.03, 0, 0.2)]  # fmt: skip
+    table = report.sweep(rows, "data.absent_ratio")
+    assert list(table) == ["visurf", "sft"] and list(table["visurf"]) == [0.03, 0.5]  # ascending values
+    assert table["visurf"][0.5]["giou"]["mean"] == pytest.approx(0.7) and table["visurf"][0.5]["giou"]["n"] == 2
+    lines = report.format_sweep_table(table, "data.absent_ratio").splitlines()
+    assert lines[0] == "| paradigm | data.absent_ratio | gIoU | N-Acc | bbox_acc | probe acc | seeds |"
+    assert lines[3] == "| visurf | 0.5 | 0.700 ± 0.141 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 2 |"
+    runs = {r["name"]: [series([3.0, 4.0], {0: 0.1, 2: r["final"]["giou"]})] for r in rows}
+    out = write_report(rows, runs, tmp_path, SESSION, sweep_key="data.absent_ratio")
+    assert Image.open(out["figures"]["sweep"]).size[0] > 0 and "| sft | 0.03 |" in out["sweep_table"]
+    assert json.loads((tmp_path / "results.json").read_text())["sweep"]["table"]["visurf"]["0.5"]["giou"]["n"] == 2
+    assert "### Against data.absent_ratio" in (tmp_path / "results.md").read_text()
 
 
 def test_pearson_hand_made():

@@ -11,6 +11,7 @@ The comparison file has two sections::
       output_dir: runs/compare_shapes   # one run per <output_dir>/<name>/seed<k>/
       seeds: [0, 1, 2]                  # train.seed of each run
       docs: docs/results.md             # results page to (re)generate; null: none
+      sweep: data.absent_ratio          # optional: a key the runs vary; the report plots the metrics against it
       runs:                             # name -> key=value overrides of that configuration, or
         sft: [algo.paradigm=sft]        #   {overrides: [...], seeds: [...]} with seeds of its own
         visurf_no_smooth: {overrides: [algo.paradigm=visurf, algo.smooth=false], seeds: [0, 1, 2]}
@@ -68,6 +69,7 @@ class Plan:
     config: dict[str, Any]
     docs: Path | None
     run_seeds: dict[str, list[int]] = field(default_factory=dict)  # runs with seeds of their own
+    sweep: str | None = None  # a config key the runs vary: the report plots the final metrics against it
 
     def seeds_of(self, name: str) -> list[int]:
         return self.run_seeds.get(name, self.seeds)
@@ -102,7 +104,7 @@ def load_plan(path: str | Path) -> Plan:
     c = data["compare"] or {}
     if not isinstance(c, dict):
         raise ConfigError(f"{path}: compare: expected a mapping, got {c!r}")
-    unknown = set(c) - {"output_dir", "seeds", "docs", "runs"}
+    unknown = set(c) - {"output_dir", "seeds", "docs", "runs", "sweep"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) compare.{', compare.'.join(sorted(unknown))}")
     seeds, entries = _seeds(path, "compare.seeds", c.get("seeds", [0])), c.get("runs") or {}
@@ -124,6 +126,7 @@ def load_plan(path: str | Path) -> Plan:
     return Plan(
         source=str(path), output_dir=Path(c.get("output_dir") or f"runs/{path.stem}"), seeds=seeds, runs=runs,
         config=data.get("config") or {}, docs=Path(c["docs"]) if c.get("docs") else None, run_seeds=run_seeds,
+        sweep=c.get("sweep"),
     )
 
 
@@ -262,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             runs.setdefault(job.name, []).append(read_metrics(job.dir / "metrics.jsonl"))
         window = max(1, max(j.cfg.train.steps for j in jobs) // 20)
-        report = write_report(results, runs, plan.output_dir / "report", session, window=window)
+        report = write_report(results, runs, plan.output_dir / "report", session, window=window, sweep_key=plan.sweep)
         print("\n" + report["results_table"] + "\n\n" + report["correlation_table"])
+        if plan.sweep:
+            print("\n" + report["sweep_table"])
         print(f"\nreport: {plan.output_dir / 'report'}")
         if plan.docs:
             print(f"results page: {write_results_doc(plan.docs, report)}")
