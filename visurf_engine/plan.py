@@ -39,7 +39,8 @@ Components (``N``: parameters; ``b_m``, ``b_c``: bytes of the master / compute d
   their gradients alive together (twice one layer's). These coefficients were measured with
   ``torch.autograd.graph.saved_tensors_hooks`` on the real 3B widths (``bench/memory.py --saved``:
   fp32 and CPU bf16 autocast, within 1% of the formulas).
-- **step working set**: AdamW's temporaries (single-tensor: the largest parameter; fused: none).
+- **step working set**: none; the learners' AdamW is fused (``learners.base.adamw``, on CPU as on
+  CUDA): no temporaries (torch's per-tensor loop would add one of the largest parameter's size).
 
 ``megatron`` (``parallel.tp x parallel.pp``, data parallel ``dp = W / (tp pp)``) is planned for
 the fullest rank of the grid (``megatron_params``: its ``L / pp`` layers, each split over ``tp``
@@ -215,7 +216,8 @@ class Plan:
     def learner_peak(self) -> int:
         """The peak without the rollout engine (what the learner alone reaches: ``bench/memory.py``)."""
         base = sum(self.components[c] for c in self.persistent if c != "rollout engine")
-        return base + max(sum(self.components[c] for c in self.working[k]) for k in ("update", "optimizer step"))
+        return base + max(sum(self.components[c] for c in self.working[k]) for k in ("update", "optimizer step")
+                          if k in self.working)  # fmt: skip
 
     @property
     def headroom(self) -> int | None:
@@ -260,15 +262,12 @@ def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, 
     c["rollout engine"], c["rollout cache"] = rollout_bytes(cfg, s, w, gpu_gib, bc, device)
     c["loss"] = loss_bytes(s, w, bc, device)
     c["activations"] = activation_bytes(s, w, bc, cfg.train.activation_checkpointing)
-    largest = max(s.layer_params, s.block_params, s.embed_params)
-    c["optimizer step"] = 0 if (device == "cuda" and not offload) else largest * bm // shard  # fused on GPU
     notes = [f"micro-batch: {w.tokens} tokens ({w.sequences} sequences), {w.patches} patches, "
              f"{w.completion_tokens} completion tokens"]  # fmt: skip
     return Plan(
         components=c,
         persistent=("weights", "gradients", "optimizer", "reference", "rollout engine"),
-        working={"update": ("gathered", "autocast copies", "loss", "activations"), "optimizer step": ("optimizer step",),
-                 "sampling": ("rollout cache",)},  # fmt: skip
+        working={"update": ("gathered", "autocast copies", "loss", "activations"), "sampling": ("rollout cache",)},
         gpu_bytes=int(gpu_gib * GIB) if gpu_gib else None,
         host=host,
         notes=notes,
