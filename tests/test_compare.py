@@ -111,6 +111,13 @@ def test_a_config_change_is_refused(compare, cli, compared, capsys):
     assert "run rlvr (seed 0)" in err and "different config (train.lr)" in err
 
 
+def test_a_setting_added_since_a_run_is_not_a_difference(compare):
+    """A result made before a setting existed (or after one was removed) still matches; a changed value does not."""
+    want = {"train": {"lr": 0.1, "threads": None}, "data": {"seed": 1}}
+    assert compare.differences(want, {"train": {"lr": 0.1}, "data": {"seed": 1, "gone": 2}}) == []
+    assert compare.differences(want, {"train": {"lr": 0.2, "threads": 2}}) == ["train.lr", "train.threads"]
+
+
 def test_an_interrupted_run_resumes(compare, cli, tmp_path, monkeypatch):
     Trainer = compare.Trainer
     real_step = Trainer.step

@@ -103,6 +103,19 @@ def test_trainer_on_a_prepared_base_model_trains_nothing(cache, tmp_path, monkey
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_train_threads_sets_torch_threads(cache, tmp_path):
+    """``train.threads`` is the run's torch thread count; null leaves torch's as it is."""
+    threads = torch.get_num_threads()
+    try:
+        Trainer(small_cfg(cache, tmp_path / "a", "train.threads=1"))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        Trainer(small_cfg(cache, tmp_path / "b"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_trainer_without_a_base_model_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_base_model"):
         Trainer(small_cfg(tmp_path / "empty-cache", tmp_path / "run"))

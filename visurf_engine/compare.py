@@ -165,6 +165,13 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
+def differences(want: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """The dotted keys where two fingerprints differ. A key only one of them has (a setting added or
+    removed since the run was made) is not counted: the run is taken as made with its default."""
+    return sorted(f"{s}.{k}" for s in want.keys() & found.keys() for k in want[s].keys() & found[s].keys()
+                  if found[s][k] != want[s][k])  # fmt: skip
+
+
 def check_run_dir(job: Job) -> None:
     """Raise if ``job``'s directory holds a result or checkpoint of another config."""
     want = fingerprint(job.cfg.to_dict())
@@ -176,8 +183,8 @@ def check_run_dir(job: Job) -> None:
         if latest is None:
             return
         found = fingerprint(json.loads((latest / "state.json").read_text())["config"])
-    if found != want:
-        diff = sorted(f"{s}.{k}" for s in want for k in want[s] if found.get(s, {}).get(k) != want[s][k])
+    diff = differences(want, found)
+    if diff:
         raise ConfigError(
             f"run {job.name} (seed {job.seed}): {job.dir} holds a run with a different config ({', '.join(diff)}); "
             "delete it or choose another compare.output_dir"
@@ -199,7 +206,8 @@ def run_job(job: Job, world: World, session: dict[str, Any]) -> dict[str, Any]:
         result = {
             "name": job.name, "seed": job.seed, "base": evals["base"], "final": evals["final"],
             "wall_s": time.perf_counter() - start, "resumed_from_step": resumed_from,
-            "steps": job.cfg.train.steps, "config": fingerprint(job.cfg.to_dict()), "provenance": session,
+            "steps": job.cfg.train.steps, "config": fingerprint(job.cfg.to_dict()),
+            "provenance": session | {"threads": session["threads"] | {"torch": torch.get_num_threads()}},  # train.threads
         }
         if world.is_main:
             tmp = path.with_name(path.name + ".tmp")

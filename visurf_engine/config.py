@@ -160,6 +160,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each decoder layer and vision block in backward (hf, fsdp)
     micro_batch_size: int = 16  # padded (train.pack=false): sequences per forward/backward
     lr: float = 2e-4
+    threads: int | None = None  # torch threads of the run (torch.set_num_threads; the order of float reductions depends on it); null: torch's default (OMP_NUM_THREADS)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0

@@ -61,6 +61,7 @@ class Trainer:
     def __init__(self, cfg: Config, world: World = World()):
         self.cfg, self.world = cfg, world
         t = cfg.train
+        torch.set_num_threads(t.threads or torch.get_num_threads())
         self.dp = parallel_world(cfg, world)
         if t.batch_size % self.dp.size:
             raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {self.dp.size}")
