@@ -18,6 +18,8 @@ import yaml
 from visurf_kernels import BACKENDS, OBJECTIVES, LossSpec
 from visurf_kernels.spec import KL_ESTIMATORS
 
+from .lr_schedule import SCHEDULES
+
 from .algo.members import AGGREGATIONS
 from .algo.paradigms import PARADIGMS
 
@@ -160,6 +162,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each decoder layer and vision block in backward (hf, fsdp)
     micro_batch_size: int = 16  # padded (train.pack=false): sequences per forward/backward
     lr: float = 2e-4
+    lr_schedule: str = "constant"  # constant | cosine | linear (visurf_engine/lr_schedule.py), after train.warmup_steps of linear warmup
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine / linear: the rate the decay ends at, as a share of train.lr
     threads: int | None = None  # torch threads of the run (torch.set_num_threads; the order of float reductions depends on it); null: torch's default (OMP_NUM_THREADS)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -284,6 +289,10 @@ def validate(cfg: Config) -> Config:
     _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _check_choice("model.compute_dtype", cfg.model.compute_dtype, ("auto", "float32", "bfloat16"))
     _check_choice("model.backend", cfg.model.backend, ("hf", "fsdp", "megatron"))
+    _check_choice("train.lr_schedule", cfg.train.lr_schedule, SCHEDULES)
+    if not 0 <= cfg.train.warmup_steps <= cfg.train.steps or not 0 <= cfg.train.min_lr_ratio <= 1:
+        raise ConfigError(f"train.warmup_steps must be in [0, train.steps] and train.min_lr_ratio in [0, 1]; got "
+                          f"{cfg.train.warmup_steps} and {cfg.train.min_lr_ratio}")  # fmt: skip
     _check_choice("model.image_processor", cfg.model.image_processor, ("native", "hf"))
     _check_choice("rollout.backend", r.backend, ("hf", "vllm"))
     _check_choice("rollout.hf.dtype", r.hf.dtype, ("float32", "bfloat16"))

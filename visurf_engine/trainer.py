@@ -41,6 +41,7 @@ from .config import Config
 from .data import PromptSampler, Row, fetch_rows
 from .eval.evaluate import evaluate
 from .learners import build_learner, build_reference, lockstep_split, make_micro_batch, parallel_world
+from .lr_schedule import lr_at
 from .models.hf import load_processor
 from .models.policy import Batching, Policy, Prompts
 from .models.precision import Precision
@@ -101,10 +102,8 @@ class Trainer:
         if latest is None:
             return
         if not self.cfg.train.resume:
-            raise FileExistsError(
-                f"{self.ckpt_root} already holds a run; pass train.resume=true to continue it, "
-                "or choose another train.output_dir"
-            )
+            raise FileExistsError(f"{self.ckpt_root} already holds a run; pass train.resume=true to continue it, "
+                                  "or choose another train.output_dir")  # fmt: skip
         state = ckpt.load_checkpoint(latest, self.learner, self.world.rank)
         self.sampler.load(state["sampler"])
         self.start_step, self.base_eval = state["step"], state.get("base_eval")
@@ -120,6 +119,7 @@ class Trainer:
         phase = self.paradigm.phase(step, self.sft_steps)
         m: dict[str, float] = {"phase/sft": float(phase.name == "sft"), "reward/failures": 0.0}
         scales = phase.scales(step, self.knobs)
+        self.learner.set_lr(lr_at(step, cfg.train))
         with timer("data"):
             rows, m["data/bad_images"] = self._rows(step)
         with timer("encode"):
