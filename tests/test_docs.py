@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import statistics
 import re
 from pathlib import Path
 
@@ -125,30 +126,41 @@ def _readme_table():
 
 
 def test_readme_table_writes_and_checks(tmp_path, capsys):
+    """The distribution block (median, min, max over the report's runs; the counts), the one-run
+    block, and ``--check``: a run inside the widened range passes, one outside it or from another
+    base model fails naming the metric."""
     rt, rng = _readme_table(), random.Random()
-    metrics = {m: rng.random() for m in rt.METRICS}
-    run = {"base": metrics, "final": {m: rng.random() for m in rt.METRICS}, "wall_s": 400.0 + rng.random(),
-           "provenance": {"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}}}
-    stat = lambda: {"mean": rng.random(), "std": rng.random(), "n": 5}  # noqa: E731
-    results = {"summary": {"base": {m: stat() for m in rt.SEED_METRICS}, "configs": {"visurf": {m: stat() for m in rt.SEED_METRICS}}},
-               "runs": [{"name": "visurf", "seed": s, "final": {"n_acc": rng.random()}} for s in range(5)]}
-    ev, res, readme = tmp_path / "eval.json", tmp_path / "results.json", tmp_path / "README.md"
+    base = {m: rng.random() for m in rt.METRICS}
+    finals = [{m: rng.uniform(0.3, 0.9) for m in rt.METRICS} for _ in range(6)]
+    finals[0] |= {"n_acc": 1.0, "bbox_acc": 0.05}  # an always-[] run
+    runs = [{"name": f"threads{1 + s % 2}", "seed": s // 2, "base": base, "final": f,
+             "provenance": {"threads": {"torch": 1 + s % 2}}} for s, f in enumerate(finals)]  # fmt: skip
+    run = {"base": base, "final": dict(finals[3]), "wall_s": 400.0 + rng.random(),
+           "provenance": {"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}, "device": "cpu X",
+                          "threads": {"torch": 2}}}  # fmt: skip
+    ev, dist, readme = tmp_path / "eval.json", tmp_path / "dist.json", tmp_path / "README.md"
     ev.write_text(json.dumps(run))
-    res.write_text(json.dumps(results))
-    readme.write_text("intro\n<!-- BEGIN default-run: scripts/readme_table.py -->\n<!-- END default-run -->\nmiddle\n"
-                      "<!-- BEGIN default-seeds: scripts/readme_table.py -->\nstale\n<!-- END default-seeds -->\nend\n")
-    args = ["--eval", str(ev), "--results", str(res), "--readme", str(readme)]
-    assert rt.main([*args, "--check"]) == 1  # empty / stale blocks
+    dist.write_text(json.dumps({"runs": runs}))
+    readme.write_text("intro\n<!-- BEGIN default-distribution: scripts/readme_table.py -->\nstale\n"
+                      "<!-- END default-distribution -->\nmiddle\n"
+                      "<!-- BEGIN default-run: scripts/readme_table.py -->\n<!-- END default-run -->\nend\n")  # fmt: skip
+    args = ["--eval", str(ev), "--distribution", str(dist), "--readme", str(readme)]
     assert rt.main(args) == 0
     text = readme.read_text()
     assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("\nend\n") and "stale" not in text
-    assert f"| n_acc | {metrics['n_acc']:.4f} | {run['final']['n_acc']:.4f} |" in text
-    assert rt.main([*args, "--check"]) == 0
-    run["wall_s"] += 100  # another machine's wall time: still the same table
-    ev.write_text(json.dumps(run))
-    assert rt.main([*args, "--check"]) == 0
-    run["final"]["giou"] += 1e-3  # a metric that moved: the check fails and names the row
-    ev.write_text(json.dumps(run))
+    g = sorted(f["giou"] for f in finals)
+    assert f"| giou | {base['giou']:.3f} | {(g[2] + g[3]) / 2:.3f} | {g[0]:.3f} | {g[-1]:.3f} |" in text
+    ok = sum(f["n_acc"] >= 0.5 and f["bbox_acc"] >= 0.5 for f in finals)
+    assert f"6 runs (seeds 0-2 x 1 and 2 torch thread(s)): {ok} end with" in text and "; 1 ended answering" in text
+    assert f"| n_acc | {base['n_acc']:.4f} | {run['final']['n_acc']:.4f} |" in text and "cpu X, 2 torch thread(s)" in text
+    assert rt.main([*args, "--check"]) == 0  # one of the runs itself
+    sd = statistics.stdev(f["giou"] for f in finals)
+    for giou, code in ((g[-1] + 0.9 * sd, 0), (g[0] - 0.9 * sd, 0), (g[-1] + 1.1 * sd, 1)):
+        ev.write_text(json.dumps(run | {"final": run["final"] | {"giou": min(giou, 1.0)}}))
+        capsys.readouterr()
+        assert rt.main([*args, "--check"]) == code or giou > 1.0
+    if g[-1] + 1.1 * sd <= 1.0:
+        assert "giou: final" in capsys.readouterr().out
+    ev.write_text(json.dumps(run | {"base": base | {"bbox_acc": base["bbox_acc"] + 0.05}}))  # another base model
     capsys.readouterr()
-    assert rt.main([*args, "--check"]) == 1
-    assert "missing row | giou |" in capsys.readouterr().out
+    assert rt.main([*args, "--check"]) == 1 and "bbox_acc: base" in capsys.readouterr().out
