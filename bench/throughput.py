@@ -45,8 +45,8 @@ Modes (one at a time; the default profiles the config alone):
   as the others' (31.7 - 22.7 = 9.0 s of SFT per RL step): reported as (SFT step + RLVR step)
   / ViSurf step from the same run.
 - ``--peer trl``: TRL's ``GRPOTrainer`` on the same model and settings (``trl_peer.py``) beside
-  the engine's ``rlvr`` paradigm (plain GRPO both), and the engine with
-  ``rollout.backend=vllm`` when the engine and this Python have it (else skipped, with the
+  the engine's ``rlvr`` paradigm (plain GRPO both, the engine's rollouts ``rollout.backend=hf``),
+  and the engine with ``rollout.backend=vllm`` when the engine and this Python have it (else skipped, with the
   reason); seconds per step, tokens per second, the ratio.
 - ``--sweep KEY=V1,V2,...`` (repeatable; e.g. ``rollout.n=4,8,16``,
   ``rollout.max_new_tokens=32,64,128``, ``train.batch_size=4,8,16``): step time and memory per
@@ -155,7 +155,7 @@ def make_points(args) -> tuple[list[Point], dict[str, str]]:
         points = [Point(p, "engine", [f"algo.paradigm={p}"]) for p in args.paradigms]
     elif args.peer:  # plain GRPO on both sides: no KL penalty (the default has one), one update per step
         grpo = ["algo.paradigm=rlvr", "algo.kl_coef=0"]
-        points = [Point("engine", "engine", grpo)]
+        points = [Point("engine", "engine", [*grpo, "rollout.backend=hf"])]  # not auto: the HF engine, whatever is installed
         for name, side, extra in (("engine+vllm", "engine", ["rollout.backend=vllm"]), ("trl", "trl", [])):
             reason = peer_unavailable(args, side)
             if reason:

@@ -61,7 +61,7 @@ class EngineSide:
         self.cfg = cfg
 
     def info(self) -> dict[str, Any]:
-        c = self.cfg
+        c = self.trainer.cfg  # rollout.backend resolved (auto -> hf | vllm)
         return {"flop_params": flop_params(self.trainer.policy.model), "rollout_backend": c.rollout.backend,
                 "pack": self.trainer.batching.pack, "vision_once": c.train.vision_once, "loss_backend": c.loss.backend,
                 "paradigm": c.algo.paradigm}  # fmt: skip

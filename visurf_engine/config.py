@@ -110,7 +110,7 @@ class VLLMConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf (transformers generate) | vllm
+    backend: str = "auto"  # hf (transformers) | vllm | auto: chosen at start-up by device, vLLM installed, model size (rollout/auto.py)
     n: int = 4  # G rollouts per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -294,7 +294,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.warmup_steps must be in [0, train.steps] and train.min_lr_ratio in [0, 1]; got "
                           f"{cfg.train.warmup_steps} and {cfg.train.min_lr_ratio}")  # fmt: skip
     _check_choice("model.image_processor", cfg.model.image_processor, ("native", "hf"))
-    _check_choice("rollout.backend", r.backend, ("hf", "vllm"))
+    _check_choice("rollout.backend", r.backend, ("auto", "hf", "vllm"))
     _check_choice("rollout.hf.dtype", r.hf.dtype, ("float32", "bfloat16"))
     _check_choice("rollout.hf.decode", r.hf.decode, ("auto", "generate", "loop"))
     _check_choice("rollout.vllm.dtype", r.vllm.dtype, ("auto", "float32", "bfloat16"))
@@ -331,15 +331,16 @@ def validate(cfg: Config) -> Config:
     if not 0 < r.vllm.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.vllm.gpu_memory_utilization: must be in (0, 1], got {r.vllm.gpu_memory_utilization}")
     budget = max(r.max_new_tokens, r.eval_max_new_tokens)
+    # The checks of one backend skip rollout.backend=auto: rollout.auto.resolve validates again once it has chosen.
     if cfg.model.backend == "fsdp" and r.backend == "hf" and r.hf.replica is False:
         raise ConfigError("rollout.hf.replica: model.backend=fsdp holds no whole module to generate with; "
                           "use rollout.hf.replica=true (or null) or rollout.backend=vllm")  # fmt: skip
     if r.backend == "vllm" and r.vllm.max_model_len <= budget:
         raise ConfigError(f"rollout.vllm.max_model_len: must exceed the generation budget ({budget} tokens) "
                           f"by the longest prompt, got {r.vllm.max_model_len}")  # fmt: skip
-    if a.rollout_correction == "tis" and r.backend != "vllm":
+    if a.rollout_correction == "tis" and r.backend == "hf":
         raise ConfigError("algo.rollout_correction: tis needs the rollout engine's sampling log-probs: "
-                          f"rollout.backend=vllm (got {r.backend})")  # fmt: skip
+                          "rollout.backend=vllm (got hf)")  # fmt: skip
     if a.paradigm == "sft_then_rlvr" and a.sft_steps >= t.steps:
         raise ConfigError(f"algo.sft_steps: must be < train.steps ({t.steps}) for sft_then_rlvr, got {a.sft_steps}")
     if d.task == "files" and not d.train_path:

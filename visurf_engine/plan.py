@@ -23,7 +23,9 @@ Components (``N``: parameters; ``b_m``, ``b_c``: bytes of the master / compute d
   working set of its own): vLLM's share (``gpu_memory_utilization`` of the card, weights and KV
   cache) is the cache when vLLM sleeps during the update (CUDA's default), else the engine; the
   HF replica's weights (``N b_replica``) are the engine and the KV cache of one 64-sequence
-  generation chunk (sized in 256-token buckets) the cache.
+  generation chunk (sized in 256-token buckets) the cache. ``rollout.backend=auto`` is planned as
+  the trainer resolves it on the plan's device (``rollout.auto``: on CUDA, vLLM when this
+  environment can import it).
 - **loss**: the fused loss's working set: the exp buffer of one row chunk ``[n, V]`` (bf16 for
   16-bit inputs; ``n = max(1024, N_tokens / 16)``), the fp32 ``dW`` accumulator ``[V, H]`` when
   the rows take more than one chunk, ``d hidden [N_tokens, H]``.
@@ -81,6 +83,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, config_from_mapping, load_config
+from .rollout.auto import resolve
 
 GIB = 1 << 30
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -239,6 +242,7 @@ def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, 
     (default: the largest ``cfg`` forms, ``workload``)."""
     from .models.precision import Precision
 
+    cfg = resolve(cfg, device, shape.params)[0]
     m = cfg.model
     p = Precision.of(m.dtype, m.compute_dtype, torch.device(device))
     bm, bc = p.master.itemsize, p.compute.itemsize
@@ -358,6 +362,7 @@ class DoesNotFit(RuntimeError):
 
 def check(cfg: Config, shape: Shape, gpus: int, gpu_gib: float) -> Plan:
     """The plan, or ``DoesNotFit`` naming the settings that would fit."""
+    cfg = resolve(cfg, "cuda", shape.params)[0]
     p = plan(cfg, shape, gpus=gpus, gpu_gib=gpu_gib)
     if p.headroom < 0:
         found = fixes(cfg, shape, gpus, gpu_gib)
@@ -412,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_config = real_shape_config(preset, train_tokenizer(["plan"]))
     shape = Shape.of(hf_config)
+    cfg, reason = resolve(cfg, "cuda", shape.params)
+    if reason:
+        print(f"rollout.backend=auto planned as {cfg.rollout.backend} ({reason})", file=sys.stderr)
     p = plan(cfg, shape, gpus=args.gpus, gpu_gib=args.gpu_gib, patches_per_image=args.patches)
     if args.json:
         print(json.dumps({"shape": asdict(shape), "components": p.components, "peak": p.peak, "headroom": p.headroom,

@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     prepare_base_model(cfg, world, progress=cfg.train.progress)
     base_s, start = time.perf_counter() - start, time.perf_counter()
-    trainer = Trainer(cfg, world)
+    try:
+        trainer = Trainer(cfg, world)
+    except ConfigError as e:  # a check that fails only with the backend rollout.backend=auto chose
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     try:
         results = trainer.run()
     except NonFiniteError as e:

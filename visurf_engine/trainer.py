@@ -14,6 +14,9 @@ number of micro-batches (``learners.lockstep_split``). The base model must exist
 frozen reference's log-probs (``learners.build_reference``). On CUDA the memory plan is checked
 first (``plan.check_memory``). A non-finite loss or grad norm skips the optimizer step on every
 rank; ``nonfinite.SkipCounter`` counts it and stops the run after ``train.max_skipped_steps``.
+``rollout.backend=auto`` is resolved first (``rollout.auto``: by device, vLLM installed and the
+checkpoint's parameter count) and logged; ``trainer.cfg`` is the resolved config, checkpoints
+record the config as given (what a resumed run or the comparison checks against).
 
 ``step`` returns the step's metrics, among them each phase's wall time and peak memory
 (``time/<phase>``, ``mem/<phase>``: ``telemetry.PhaseTimer``) and this rank's token counts:
@@ -50,6 +53,7 @@ from .plan import check_memory
 from .rewards import get_reward, score_batch
 from .rng import seed_everything
 from .rollout import build_rollout
+from .rollout.auto import checkpoint_params, resolve
 from .tasks import base_model_path, load_task
 from .tasks.shapes.probe import probe_row_metrics
 from .nonfinite import NonFiniteError, SkipCounter
@@ -60,13 +64,14 @@ log = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: Config, world: World = World()):
-        self.cfg, self.world = cfg, world
+        self.given_cfg, self.world = cfg, world
         t = cfg.train
         torch.set_num_threads(t.threads or torch.get_num_threads())
         self.dp = parallel_world(cfg, world)
         if t.batch_size % self.dp.size:
             raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {self.dp.size}")
         path = base_model_path(cfg)
+        self.cfg = cfg = self._resolve_rollout_backend(cfg, path)
         seed_everything(t.seed + self.dp.rank)
         self.spec = get_reward(cfg.data.reward)
         self.data = load_task(cfg, self.spec)
@@ -96,6 +101,15 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, enabled=world.is_main, resume_step=self.start_step or None)
         if self.data.skipped and not self.start_step:
             self.metrics.log(0, {"data/skipped_rows": self.data.skipped})
+
+    def _resolve_rollout_backend(self, cfg: Config, path: Path) -> Config:
+        """``cfg`` with ``rollout.backend=auto`` made ``hf`` or ``vllm`` (``rollout.auto``), logged on rank 0."""
+        if cfg.rollout.backend != "auto":
+            return cfg
+        cfg, reason = resolve(cfg, self.world.device.type, checkpoint_params(path))
+        if self.world.is_main:
+            log.info("rollout.backend=auto: %s (%s)", cfg.rollout.backend, reason)
+        return cfg
 
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
@@ -256,7 +270,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Checkpoint ``step``, after making the metrics logged so far durable (``telemetry``)."""
         state = {"step": step, "sampler": self.sampler.state(), "base_eval": self.base_eval,
-                 "final_eval": self.final_eval, "skips": self.skips.state(), "config": self.cfg.to_dict()}  # fmt: skip
+                 "final_eval": self.final_eval, "skips": self.skips.state(), "config": self.given_cfg.to_dict()}  # fmt: skip
         self.metrics.sync()
         ckpt.save(self.ckpt_root, step, self.learner, state, self.world, keep=self.cfg.train.keep_checkpoints)
 

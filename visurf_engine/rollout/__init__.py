@@ -1,4 +1,5 @@
-"""Generation backends behind one protocol (``base.RolloutEngine``), chosen once by ``rollout.backend``.
+"""Generation backends behind one protocol (``base.RolloutEngine``), chosen once by ``rollout.backend``
+(``auto`` is resolved to ``hf`` or ``vllm`` before: ``auto.resolve``).
 
 This ``__init__`` imports nothing heavy: ``visurf_engine/__init__`` imports ``vllm_cpu`` from here
 before anything imports transformers.
@@ -14,6 +15,8 @@ def build_rollout(cfg, policy, model_dir: str | Path, learner, batching):
     learner's current weights (``learner.export_weights()``); ``model_dir``: the checkpoint the
     policy was loaded from (vLLM builds its engine over it, one per rank; a replica of a sharded
     learner is loaded from it); ``batching``: the micro-batches of the HF engine's scoring pass."""
+    if cfg.rollout.backend == "auto":
+        raise ValueError("rollout.backend=auto: resolve it before building the engine (rollout.auto.resolve; the Trainer does)")
     if cfg.rollout.backend == "vllm":
         from .vllm import VLLMRollout
 

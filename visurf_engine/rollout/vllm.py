@@ -103,14 +103,12 @@ import torch.distributed as dist
 from ..config import RolloutConfig
 from ..models.policy import Policy, Prompts
 from . import vllm_cpu
+from .auto import INSTALL_VLLM
 from .base import RolloutEngine, Rollouts
 from ..models.weights import checkpoint_specs, named_specs
 from .weight_sync import SyncPlan
 
-INSTALL_HINT = (
-    "VLLMRollout needs vLLM: on a GPU machine `pip install -e '.[vllm]'` (with the CUDA torch that vLLM pins); "
-    "on a CPU machine build the CPU environment with `bash scripts/setup_vllm_cpu.sh VENV_DIR`"
-)
+INSTALL_HINT = f"VLLMRollout needs vLLM: {INSTALL_VLLM}"
 
 SUPPRESS_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]
 
