@@ -80,7 +80,7 @@ def test_checkpoint_params_counts_the_model_from_the_headers():
 def test_the_default_resolves_to_hf_on_cpu_and_the_trainer_builds(cache, tmp_path, caplog):
     cfg = small_cfg(cache, tmp_path)
     assert cfg.rollout.backend == "auto"
-    with caplog.at_level(logging.INFO, logger="visurf_engine.trainer"):
+    with caplog.at_level(logging.INFO, logger="visurf_engine.rollout.auto"):
         trainer = Trainer(cfg)
     assert trainer.cfg.rollout.backend == "hf" and isinstance(trainer.rollout, HFRollout)
     reason = choose_backend("cpu", auto.vllm_importable(), checkpoint_params(base_model_path(cfg)))[1]
@@ -95,7 +95,7 @@ def test_the_default_resolves_to_hf_on_cpu_and_the_trainer_builds(cache, tmp_pat
 
 def test_an_explicit_hf_is_respected(cache, tmp_path, caplog):
     cfg = small_cfg(cache, tmp_path, "rollout.backend=hf")
-    with caplog.at_level(logging.INFO, logger="visurf_engine.trainer"):
+    with caplog.at_level(logging.INFO, logger="visurf_engine.rollout.auto"):
         trainer = Trainer(cfg)
     assert trainer.cfg is cfg and isinstance(trainer.rollout, HFRollout) and "rollout.backend" not in caplog.text
 

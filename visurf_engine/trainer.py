@@ -14,9 +14,7 @@ number of micro-batches (``learners.lockstep_split``). The base model must exist
 frozen reference's log-probs (``learners.build_reference``). On CUDA the memory plan is checked
 first (``plan.check_memory``). A non-finite loss or grad norm skips the optimizer step on every
 rank; ``nonfinite.SkipCounter`` counts it and stops the run after ``train.max_skipped_steps``.
-``rollout.backend=auto`` is resolved first (``rollout.auto``: by device, vLLM installed and the
-checkpoint's parameter count) and logged; ``trainer.cfg`` is the resolved config, checkpoints
-record the config as given (what a resumed run or the comparison checks against).
+``trainer.cfg`` has ``rollout.backend=auto`` resolved (``rollout.auto``); checkpoints record the config as given.
 
 ``step`` returns the step's metrics, among them each phase's wall time and peak memory
 (``time/<phase>``, ``mem/<phase>``: ``telemetry.PhaseTimer``) and this rank's token counts:
@@ -53,7 +51,7 @@ from .plan import check_memory
 from .rewards import get_reward, score_batch
 from .rng import seed_everything
 from .rollout import build_rollout
-from .rollout.auto import checkpoint_params, resolve
+from .rollout.auto import resolve_for_run
 from .tasks import base_model_path, load_task
 from .tasks.shapes.probe import probe_row_metrics
 from .nonfinite import NonFiniteError, SkipCounter
@@ -71,7 +69,7 @@ class Trainer:
         if t.batch_size % self.dp.size:
             raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {self.dp.size}")
         path = base_model_path(cfg)
-        self.cfg = cfg = self._resolve_rollout_backend(cfg, path)
+        self.cfg = cfg = resolve_for_run(cfg, world.device.type, path, log_choice=world.is_main)
         seed_everything(t.seed + self.dp.rank)
         self.spec = get_reward(cfg.data.reward)
         self.data = load_task(cfg, self.spec)
@@ -102,15 +100,6 @@ class Trainer:
         if self.data.skipped and not self.start_step:
             self.metrics.log(0, {"data/skipped_rows": self.data.skipped})
 
-    def _resolve_rollout_backend(self, cfg: Config, path: Path) -> Config:
-        """``cfg`` with ``rollout.backend=auto`` made ``hf`` or ``vllm`` (``rollout.auto``), logged on rank 0."""
-        if cfg.rollout.backend != "auto":
-            return cfg
-        cfg, reason = resolve(cfg, self.world.device.type, checkpoint_params(path))
-        if self.world.is_main:
-            log.info("rollout.backend=auto: %s (%s)", cfg.rollout.backend, reason)
-        return cfg
-
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
@@ -138,7 +127,7 @@ class Trainer:
             rows, m["data/bad_images"] = self._rows(step)
         with timer("encode"):
             prompts = self.policy.encode([r.problem for r in rows], [r.image for r in rows])
-        rollouts = rollout_logp = texts = None
+        rollouts = rollout_logp = texts = gold_tokens = None
         rewards = GroupRewards(len(rows))
         if phase.rollouts:
             with timer("rollout"):
@@ -148,7 +137,6 @@ class Trainer:
                 texts, rewards, scored, failures = self._score_rollouts(rows, rollouts)
                 m |= scored
                 m["reward/failures"] += failures
-        gold_tokens = None
         if phase.gold:
             with timer("gold"):
                 gold_tokens, rewards, scored, failures = self._gold(phase, rows, prompts, texts, rewards)
@@ -180,9 +168,8 @@ class Trainer:
         m["len/rollout"] = float(np.mean(lengths[~gold])) if (~gold).any() else float("nan")
         m["len/gold"] = float(np.mean(lengths[gold])) if gold.any() else float("nan")
         m["tokens/generated"] = float(sum(len(c) for group in rollouts for c in group)) if rollouts else 0.0
-        m["tokens/trained"] = float(lengths.sum())
         m["tokens/prompt"] = float(sum(len(prompts.input_ids[p]) for p in members.prompt.tolist()))
-        m["lr"] = self.learner.lr
+        m |= {"tokens/trained": float(lengths.sum()), "lr": self.learner.lr}
         return m | timer.metrics()
 
     def _rows(self, step: int) -> tuple[list[Row], float]:
@@ -218,11 +205,9 @@ class Trainer:
             return [float(x.mean()) for x in self.rollout.logprobs(prompts, idx, tokens)]
 
         c = phase.controls  # off: the gold in the dataset's style, scored raw
-        gold = make_gold(
-            self.spec, [r.solution for r in rows], [r.id for r in rows], texts, rewards.rollout,
-            align=a.align and c, align_style=a.align_style, eliminate=a.eliminate and c, smooth=a.smooth and c,
-            scored=phase.scored_gold, loglik=loglik,
-        )  # fmt: skip
+        gold = make_gold(self.spec, [r.solution for r in rows], [r.id for r in rows], texts, rewards.rollout,
+                         align=a.align and c, align_style=a.align_style, eliminate=a.eliminate and c, smooth=a.smooth and c,
+                         scored=phase.scored_gold, loglik=loglik)  # fmt: skip
         m = {"gold/aligned_share": float(np.mean([s != self.spec.dataset_style for s in gold.styles]))}
         if phase.scored_gold:
             m |= {"reward/gold": gold.rewards.mean().item(), "gold/smooth_rate": gold.smoothed.float().mean().item()}

@@ -12,13 +12,14 @@
 ``resolve(cfg, device_type, params)`` applies it to a config: a validated copy with
 ``rollout.backend`` set, so every check that depends on the backend (``algo.rollout_correction=tis``,
 ``rollout.vllm.max_model_len``, the memory plan) and ``build_rollout`` see the engine the run really
-gets. The trainer calls it with the parameters counted from the checkpoint's safetensors headers
-(``checkpoint_params``: no weight is read) and logs the choice with its reason.
+gets. The trainer calls ``resolve_for_run``: the parameters counted from the checkpoint's safetensors
+headers (``checkpoint_params``: no weight is read), the choice logged with its reason.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from pathlib import Path
 # from which vLLM's rollout + weight sync beats the HF decode loop.
 # PLACEHOLDER, not measured yet: replace with the measured crossover from a quiet machine.
 CPU_VLLM_MIN_PARAMS = 100e6
+
+log = logging.getLogger(__name__)
 
 INSTALL_VLLM = ("on a GPU machine `pip install -e '.[vllm]'` (with the CUDA torch that vLLM pins); on a CPU machine "
                 "build the CPU environment with `bash scripts/setup_vllm_cpu.sh VENV_DIR` and run with its python")  # fmt: skip
@@ -75,3 +78,14 @@ def resolve(cfg, device_type: str, params: int):
         return config_from_mapping(cfg.to_dict(), [f"rollout.backend={backend}"]), reason
     except ConfigError as e:
         raise ConfigError(f"rollout.backend=auto chose {backend} ({reason}); with it, {e}") from None
+
+
+def resolve_for_run(cfg, device_type: str, model_dir: str | Path, *, log_choice: bool = True):
+    """``resolve`` for a run over the checkpoint at ``model_dir`` (its parameters counted only when
+    the backend is ``auto``), the choice and its reason logged (``log_choice``: on one rank)."""
+    if cfg.rollout.backend != "auto":
+        return cfg
+    cfg, reason = resolve(cfg, device_type, checkpoint_params(model_dir))
+    if log_choice:
+        log.info("rollout.backend=auto: %s (%s)", cfg.rollout.backend, reason)
+    return cfg
