@@ -124,3 +124,18 @@ def test_megatron_tp2_feeds_vllm_and_follows_the_single_process_run(args, refere
     saved = read_weights(tmp_path / "checkpoints" / "step_000003")  # every rank's master-weight slice, joined
     for k, w in reference[3].items():
         torch.testing.assert_close(saved[k], w, rtol=0, atol=3e-5, msg=k)
+
+
+def test_fsdp_shards_feed_vllm_as_ddp_does(args, tmp_path):
+    """Two ranks of ``model.backend=fsdp`` sync their shards into each rank's vLLM engine (layer by
+    layer, ``SyncPlan.stream``) and follow the same two ranks under torch DDP, whose whole modules
+    feed vLLM: each step's loss, grad norm, rewards and rollout/trainer mismatch (the post-sync
+    engine's log-probs against the trainer's) agree to float32 tolerance."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    torchrun(args, ddp, "train.steps=3", "train.save_every=3")
+    torchrun(args, fsdp, "train.steps=3", "train.save_every=3", "model.backend=fsdp")
+    want, got = step_metrics(ddp), step_metrics(fsdp)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    for r, g in zip(want, got):
+        for key in ("loss", "grad_norm", "reward/rollout_mean", "reward/gold", "mismatch/logp_abs"):
+            assert g[key] == pytest.approx(r[key], rel=METRIC_RTOL, abs=1e-6), (g["step"], key)
