@@ -8,7 +8,7 @@
   shuffled ``uid`` group;
 - ``ViSurfRolloutManager`` around a stand-in rollout manager (whose gold rows run the real
   ``visurf_gold`` agent loop) returns groups of G + 1 per ``uid``: the aligned gold last,
-  eliminated and smoothed, with the advantages of ``algo.paradigms.visurf_advantages``.
+  eliminated and smoothed, with the advantages of ``algo.paradigms.mixed_group_advantages``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from visurf_kernels import LossSpec, policy_loss_from_logp  # noqa: E402
 
 from visurf_engine.algo.advantages import group_advantages  # noqa: E402
 from visurf_engine.algo.gold import control_gold_rewards  # noqa: E402
-from visurf_engine.algo.paradigms import GroupRewards, visurf_advantages  # noqa: E402
+from visurf_engine.algo.paradigms import GroupRewards, mixed_group_advantages  # noqa: E402
 from visurf_engine.integrations import verl as vi  # noqa: E402
 from visurf_engine.rewards import get_reward  # noqa: E402
 
@@ -236,7 +236,7 @@ def test_gold_injection_groups_of_g_plus_one():
     # the advantages through verl's compute_advantage with the visurf estimator
     out.batch["token_level_rewards"] = out.batch["rm_scores"]
     adv = compute_advantage(out, "visurf", config=AlgoConfig()).batch["advantages"][:, 0].view(-1, N)
-    a_rollout, a_gold = visurf_advantages(GroupRewards(len(rows), scores[:, :-1], r_star, smoothed), norm_by_std=True, eps=1e-6)
+    a_rollout, a_gold = mixed_group_advantages(GroupRewards(len(rows), scores[:, :-1], r_star, smoothed), norm_by_std=True, eps=1e-6)
     torch.testing.assert_close(adv, torch.cat([a_rollout, a_gold[:, None]], 1), rtol=1e-5, atol=1e-6)
 
 
