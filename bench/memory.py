@@ -11,7 +11,9 @@ resident set size of the process (VmHWM, reset through ``/proc/self/clear_refs``
 imports and the batch are ready) minus the resident size at that moment, per rank; planned:
 ``visurf_engine.plan.plan`` for the same config, workload and rank count on CPU (the weights,
 gradients, optimizer, gathered units, loss and activations: everything a step adds). The ratio
-planned / measured must lie in [0.85, 1.15].
+planned / measured must lie in [0.85, 1.15], or the two differ by less than ``--slack-gib``
+(0.1 GiB: the allocator's arenas, thread pools and other runtime state the plan does not model,
+which only a toy case such as ``tiny-hf-1`` is small enough to notice).
 
 With ``--saved`` it prints instead what the backward keeps of one decoder layer and one vision
 block, per token / patch, in fp32 and under bf16 autocast (``saved_tensors_hooks``, parameters
@@ -284,6 +286,11 @@ def print_saved() -> None:
                   f"{got['block_per_patch']:14.0f} {one(0, 1) - 4 * (shape.patch_dim + 5 * shape.vis_hidden):9.0f}")
 
 
+def within_plan(row: dict, slack_gib: float) -> bool:
+    """Whether a case's plan holds: planned / measured in [0.85, 1.15], or |planned - measured| < slack."""
+    return 0.85 <= row["ratio"] <= 1.15 or abs(row["planned"] - row["measured"]) < slack_gib * 2**30
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
@@ -291,6 +298,8 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--image", type=int, default=448, help="pixels a side (1024 patches at 448)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="train.max_tokens_per_micro_batch of the workload")
+    parser.add_argument("--slack-gib", type=float, default=0.1,
+                        help="a case passes when planned/measured is in [0.85, 1.15] or they differ by less than this")
     parser.add_argument("--out")
     parser.add_argument("--saved", action="store_true", help="print the measured activation coefficients instead")
     args = parser.parse_args(argv)
@@ -312,8 +321,8 @@ def main(argv=None) -> int:
             results.write({"cases": rows}, complete=name == names[-1])
             print(f"{name:22s} {row['planned'] / 2**30:12.2f} {row['measured'] / 2**30:13.2f} {row['ratio']:6.3f} "
                   f"{max(r[-1] for r in row['step_s']):7.2f}")
-    bad = [r["case"] for r in rows if not 0.85 <= r["ratio"] <= 1.15]
-    print("planned within 15% of measured" if not bad else f"outside 15%: {bad}")
+    bad = [r["case"] for r in rows if not within_plan(r, args.slack_gib)]
+    print(f"planned within 15% (or {args.slack_gib} GiB) of measured" if not bad else f"outside 15% and {args.slack_gib} GiB: {bad}")
     return 0 if not bad else 1
 
 
