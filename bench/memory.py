@@ -211,7 +211,8 @@ def run_case(name: str, args, tmp: Path) -> dict:
     shape = Shape.of(model_class(path).config_class.from_pretrained(path))
     work = Workload(**per_rank[0]["work"])
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if gpu else None
-    p = plan(case_config(case, args.max_tokens), shape, gpus=case.ranks, gpu_gib=gib, device=case.device, work=work)
+    p = plan(case_config(case, args.max_tokens), shape, gpus=case.ranks, gpu_gib=gib, device=case.device, work=work,
+             accumulating=False)  # one micro-batch a step  # fmt: skip
     measured, planned = max(r["peak"] - r["before"] for r in per_rank), p.learner_peak  # no rollout engine runs here
     return {"case": name, **asdict(case), "layers": layers, "blocks": blocks, "image": args.image,
             "max_tokens": args.max_tokens, "workload": asdict(work), "planned": planned, "measured": measured,
@@ -286,6 +287,24 @@ def print_saved() -> None:
                   f"{got['block_per_patch']:14.0f} {one(0, 1) - 4 * (shape.patch_dim + 5 * shape.vis_hidden):9.0f}")
 
 
+def replan(path: Path) -> list[dict]:
+    """Recompute ``planned`` and ``ratio`` of a results file's cases from their recorded components
+    (the measurements untouched) with today's ``plan.learner_sets``, and record that in the file."""
+    from visurf_engine.plan import Plan, learner_sets
+    from visurf_engine.provenance import provenance
+
+    data = json.loads(path.read_text())
+    for row in data["cases"]:
+        sets = learner_sets(accumulating=row["backend"] == "hf" and row["ranks"] > 1)
+        row["planned"] = Plan(row["components"], *sets).learner_peak
+        row["ratio"] = row["planned"] / row["measured"]
+    data.setdefault("replanned", []).append(provenance())
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return data["cases"]
+
+
 def within_plan(row: dict, slack_gib: float) -> bool:
     """Whether a case's plan holds: planned / measured in [0.85, 1.15], or |planned - measured| < slack."""
     return 0.85 <= row["ratio"] <= 1.15 or abs(row["planned"] - row["measured"]) < slack_gib * 2**30
@@ -302,10 +321,18 @@ def main(argv=None) -> int:
                         help="a case passes when planned/measured is in [0.85, 1.15] or they differ by less than this")
     parser.add_argument("--out")
     parser.add_argument("--saved", action="store_true", help="print the measured activation coefficients instead")
+    parser.add_argument("--replan", metavar="RESULTS", help="measure nothing: recompute the plan of a results file's cases")
     args = parser.parse_args(argv)
     if args.saved:
         print_saved()
         return 0
+    if args.replan:
+        rows = replan(Path(args.replan))
+        for row in rows:
+            print(f"{row['case']:22s} {row['planned'] / 2**30:12.2f} {row['measured'] / 2**30:13.2f} {row['ratio']:6.3f}")
+        bad = [r["case"] for r in rows if not within_plan(r, args.slack_gib)]
+        print("planned within 15% of measured" if not bad else f"outside 15% and {args.slack_gib} GiB: {bad}")
+        return 0 if not bad else 1
     names = args.cases.split(",")
     if bad := [n for n in names if n not in CASES]:
         parser.error(f"unknown cases {bad}; choose of {sorted(CASES)}")

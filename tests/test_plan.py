@@ -45,6 +45,13 @@ def test_components_on_a_hand_computed_case():
     update = hf.components["loss"] + hf.components["activations"]
     assert "optimizer step" not in hf.components  # fused AdamW: no temporaries
     assert hf.peak == 16 * n + max(update, kv_cache)
+    # a step of one micro-batch: the gradients appear in the backward, after the loss's working set
+    one = plan(load_config(None, ["algo.kl_coef=0"]), shape, gpus=1, device="cpu", work=work, accumulating=False)
+    act, loss = one.components["activations"], one.components["loss"]
+    assert one.learner_peak == 12 * n + act + max(loss, 4 * n)
+    assert one.peak == 12 * n + max(act + max(loss, 4 * n), kv_cache)
+    ddp = plan(load_config(None, ["algo.kl_coef=0"]), shape, gpus=2, device="cpu", work=work, accumulating=False)
+    assert ddp.learner_peak == 16 * n + act + loss  # DDP's buckets hold the gradients throughout
 
 
 def test_megatron_components_on_a_hand_computed_case():

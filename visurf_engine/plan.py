@@ -68,7 +68,12 @@ when ``pp = 1``), ``N_r`` parameters:
 The peak is the persistent part (weights, gradients, optimizer, reference, rollout engine; the
 hf replica) plus the largest working set of the step: the update (gathered, autocast copies,
 loss, activations), the optimizer step, sampling (the rollout cache) or the weight export.
-``bench/memory.py`` checks the plan against measured peaks.
+The gradients are persistent in a step of several micro-batches (the earlier ones' gradients are
+alive through the next one's forward and loss; DDP's buckets always are): the plan of a run
+assumes one. A step of one micro-batch without DDP (``accumulating=False``: ``bench/memory.py``'s)
+allocates them only during its backward, after the loss's working set is gone and while the
+activations are being freed: there the update's peak is the activations plus the larger of the
+loss and the gradients. ``bench/memory.py`` checks the plan against measured peaks.
 """
 
 from __future__ import annotations
@@ -219,8 +224,8 @@ class Plan:
     def learner_peak(self) -> int:
         """The peak without the rollout engine (what the learner alone reaches: ``bench/memory.py``)."""
         base = sum(self.components[c] for c in self.persistent if c != "rollout engine")
-        return base + max(sum(self.components[c] for c in self.working[k]) for k in ("update", "optimizer step")
-                          if k in self.working)  # fmt: skip
+        return base + max(sum(self.components[c] for c in self.working[k])
+                          for k in ("update", "backward", "optimizer step") if k in self.working)  # fmt: skip
 
     @property
     def headroom(self) -> int | None:
@@ -236,10 +241,25 @@ class Plan:
         return "\n".join(rows + [f"note: {n}" for n in self.notes])
 
 
+def learner_sets(accumulating: bool) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """The persistent components and the working sets of an ``hf`` / ``fsdp`` step (module
+    docstring): with ``accumulating`` the gradients are persistent, else they join the backward's
+    working set, which the loss's has left."""
+    update = ("gathered", "autocast copies", "activations")
+    sampling = ("rollout cache",)
+    if accumulating:
+        return ("weights", "gradients", "optimizer", "reference", "rollout engine"), {
+            "update": (*update, "loss"), "sampling": sampling}
+    return ("weights", "optimizer", "reference", "rollout engine"), {
+        "update": (*update, "loss"), "backward": (*update, "gradients"), "sampling": sampling}
+
+
 def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, patches_per_image: int = 1024,
-         device: str = "cuda", work: Workload | None = None) -> Plan:  # fmt: skip
+         device: str = "cuda", work: Workload | None = None, accumulating: bool = True) -> Plan:  # fmt: skip
     """The plan of ``cfg`` for one of ``gpus`` GPUs (module docstring); ``work``: the micro-batch
-    (default: the largest ``cfg`` forms, ``workload``)."""
+    (default: the largest ``cfg`` forms, ``workload``); ``accumulating=False``: a step of that one
+    micro-batch (its gradients appear in the backward; with ``hf`` on several GPUs DDP's buckets
+    hold them throughout all the same)."""
     from .models.precision import Precision
 
     cfg = resolve(cfg, device, shape.params)[0]
@@ -268,10 +288,11 @@ def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, 
     c["activations"] = activation_bytes(s, w, bc, cfg.train.activation_checkpointing)
     notes = [f"micro-batch: {w.tokens} tokens ({w.sequences} sequences), {w.patches} patches, "
              f"{w.completion_tokens} completion tokens"]  # fmt: skip
+    persistent, working = learner_sets(accumulating or (m.backend == "hf" and gpus > 1))
     return Plan(
         components=c,
-        persistent=("weights", "gradients", "optimizer", "reference", "rollout engine"),
-        working={"update": ("gathered", "autocast copies", "loss", "activations"), "sampling": ("rollout cache",)},
+        persistent=persistent,
+        working=working,
         gpu_bytes=int(gpu_gib * GIB) if gpu_gib else None,
         host=host,
         notes=notes,
