@@ -38,9 +38,9 @@ def cache(tmp_path_factory):
 
 
 REPO_PLAN = Path(__file__).resolve().parent.parent / "configs" / "compare_shapes.yaml"
-CONFIGS = ["sft", "rlvr", "sft_then_rlvr", "visurf", "rlvr_no_kl", "sft_then_rlvr_no_kl", "visurf_no_kl",
+CONFIGS = ["sft", "rlvr", "sft_then_rlvr", "visurf", "rlvr_kl", "sft_then_rlvr_kl", "visurf_kl",
            "visurf_no_align", "visurf_no_eliminate", "visurf_no_smooth"]
-THREE_SEEDS = CONFIGS[4:]  # without KL and the reward-control ablations; the four paradigms get 5
+THREE_SEEDS = CONFIGS[4:]  # with the KL term and the reward-control ablations; the four paradigms get 5
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,8 @@ def test_bad_comparison_files(compare, tmp_path):
     with pytest.raises(ConfigError, match=r"run a \(seed 0\).*algo.paradigmm"):
         compare.make_jobs(p)
     assert compare.main(["--config", str(plan({"compare": {"runs": {"a": []}}})), "--runs", "b"]) == 2
+    own_only = plan({"compare": {"seeds": [0, 1], "runs": {"a": {"overrides": [], "seeds": [0]}}}})
+    assert compare.main(["--config", str(own_only), "--seeds", "1"]) == 2  # no job left: an error, not a crash
 
 
 def test_repo_plan_covers_the_issue(compare):
@@ -172,12 +174,12 @@ def test_repo_plan_covers_the_issue(compare):
     assert all(plan.seeds_of(n) == plan.seeds for n in CONFIGS[:4])
     jobs = compare.make_jobs(plan)
     assert len(jobs) == 4 * 5 + 6 * 3
-    kl = plan.config["algo"]["kl_coef"]
+    assert plan.config["algo"]["kl_coef"] == 0  # the default's, the paper's objective
     assert {(j.cfg.algo.paradigm, j.cfg.algo.align, j.cfg.algo.eliminate, j.cfg.algo.smooth, j.cfg.algo.kl_coef) for j in jobs} == {
-        ("sft", True, True, True, 0), ("rlvr", True, True, True, kl), ("sft_then_rlvr", True, True, True, kl),
-        ("visurf", True, True, True, kl), ("rlvr", True, True, True, 0), ("sft_then_rlvr", True, True, True, 0),
-        ("visurf", True, True, True, 0), ("visurf", False, True, True, kl), ("visurf", True, False, True, kl),
-        ("visurf", True, True, False, kl),
-    }  # every RL paradigm with the shared KL coefficient and without it
+        ("sft", True, True, True, 0), ("rlvr", True, True, True, 0), ("sft_then_rlvr", True, True, True, 0),
+        ("visurf", True, True, True, 0), ("rlvr", True, True, True, 0.05), ("sft_then_rlvr", True, True, True, 0.05),
+        ("visurf", True, True, True, 0.05), ("visurf", False, True, True, 0), ("visurf", True, False, True, 0),
+        ("visurf", True, True, False, 0),
+    }  # every RL paradigm without the KL term and with the previous default's
     assert len({(j.cfg.train.steps, j.cfg.data.seed, j.cfg.data.probe_size) for j in jobs}) == 1  # same budget and data
     assert jobs[0].cfg.data.probe_size > 0 and jobs[0].cfg.train.eval_every > 0

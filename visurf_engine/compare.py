@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.docs or args.no_docs:
             plan.docs = None if args.no_docs else Path(args.docs)
         jobs = make_jobs(plan, args.overrides)
+        if not jobs:
+            raise ConfigError(f"no run to train: the selected runs ({', '.join(plan.runs)}) have none of the seeds "
+                              f"{plan.seeds} (a run's own compare.runs.<name>.seeds keep only those among --seeds)")
         for job in jobs:
             check_run_dir(job)
     except ConfigError as e:
