@@ -64,7 +64,7 @@ class DataConfig:
     on_bad_row: str = "error"  # error | skip (counted and logged)
     train_size: int = 2000  # shapes task sizes
     eval_size: int = 200
-    absent_ratio: float = 0.5  # share of shapes training queries whose object is absent
+    absent_ratio: float = 0.3  # share of shapes training queries whose object is absent (docs/results.md, "A robust default")
     eval_absent_ratio: float = 0.5  # the same share in the held-out split (N-Acc over its absent rows, bbox_acc over the rest)
     probe_size: int | None = None  # forgetting-probe rows (count / colour questions) scored at every evaluation; shapes only; None: 100 on shapes, else 0
     seed: int = 1234
@@ -138,9 +138,9 @@ class AlgoConfig:
     chord_mu: tuple[float, float, int] = (0.9, 0.05, 200)  # chord: mu from start to end, linearly over that many steps
     chord_phi: bool = False  # chord: weight the SFT term's tokens by p (1 - p) (CHORD-phi)
     hpt_threshold: float = 0.0  # hpt: RL on a prompt whose rollouts' success rate exceeds this, else SFT on its gold
-    aggregation: str = "token-mean"
+    aggregation: str = "seq-mean-token-mean"  # every member weighs alike: the short "[]" gold as much as a long rollout
     updates_per_step: int = 1  # optimizer steps per batch (>1 needs an old-log-prob pass)
-    kl_coef: float = 0.05  # KL penalty against the frozen base model, every phase (0: none, and no reference pass)
+    kl_coef: float = 0.0  # KL penalty against the frozen base model, every phase (0, the paper's: none, and no reference pass)
     kl_estimator: str = "k3"  # k1 | k2 | k3 (= verl low_var_kl, TRL's)
     rollout_correction: str = "none"  # none | tis: token weight x min(pi_old / pi_rollout, tis_cap); rollout.backend=vllm
     tis_cap: float = 2.0  # C of the truncated importance ratio

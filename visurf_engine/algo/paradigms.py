@@ -7,7 +7,7 @@ objective of the gold's tokens (a ``visurf_kernels.OBJECTIVES`` name), and optio
 prompts' rollouts / gold train at all (``select``) and a mix of two separately normalised
 loss terms (``mix``). Registered (``knobs``: the ``algo.*`` values the phases read):
 
-    sft            gold only, A* = 1, -A* log pi (token-mean weights: the SFT NLL)
+    sft            gold only, A* = 1, -A* log pi (the SFT NLL, aggregated as algo.aggregation says)
     rlvr           G rollouts, GRPO advantages over the G
     visurf         G rollouts + the reward-controlled gold, GRPO over the G + 1 (a smoothed
                    gold's advantage is exactly 0); the gold's objective is algo.gold_loss
