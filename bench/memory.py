@@ -295,7 +295,7 @@ def replan(path: Path) -> list[dict]:
 
     data = json.loads(path.read_text())
     for row in data["cases"]:
-        sets = learner_sets(accumulating=row["backend"] == "hf" and row["ranks"] > 1)
+        sets = learner_sets(False, backend=row["backend"], gpus=row["ranks"])  # one micro-batch a step
         row["planned"] = Plan(row["components"], *sets).learner_peak
         row["ratio"] = row["planned"] / row["measured"]
     data.setdefault("replanned", []).append(provenance())
@@ -308,6 +308,13 @@ def replan(path: Path) -> list[dict]:
 def within_plan(row: dict, slack_gib: float) -> bool:
     """Whether a case's plan holds: planned / measured in [0.85, 1.15], or |planned - measured| < slack."""
     return 0.85 <= row["ratio"] <= 1.15 or abs(row["planned"] - row["measured"]) < slack_gib * 2**30
+
+
+def verdict(rows: list[dict], slack_gib: float) -> int:
+    """Print whether every case's plan holds (``within_plan``); the exit code: 1 if one does not."""
+    bad = [r["case"] for r in rows if not within_plan(r, slack_gib)]
+    print(f"planned within 15% (or {slack_gib} GiB) of measured" if not bad else f"outside 15% and {slack_gib} GiB: {bad}")
+    return 0 if not bad else 1
 
 
 def main(argv=None) -> int:
@@ -330,9 +337,7 @@ def main(argv=None) -> int:
         rows = replan(Path(args.replan))
         for row in rows:
             print(f"{row['case']:22s} {row['planned'] / 2**30:12.2f} {row['measured'] / 2**30:13.2f} {row['ratio']:6.3f}")
-        bad = [r["case"] for r in rows if not within_plan(r, args.slack_gib)]
-        print("planned within 15% of measured" if not bad else f"outside 15% and {args.slack_gib} GiB: {bad}")
-        return 0 if not bad else 1
+        return verdict(rows, args.slack_gib)
     names = args.cases.split(",")
     if bad := [n for n in names if n not in CASES]:
         parser.error(f"unknown cases {bad}; choose of {sorted(CASES)}")
@@ -348,9 +353,7 @@ def main(argv=None) -> int:
             results.write({"cases": rows}, complete=name == names[-1])
             print(f"{name:22s} {row['planned'] / 2**30:12.2f} {row['measured'] / 2**30:13.2f} {row['ratio']:6.3f} "
                   f"{max(r[-1] for r in row['step_s']):7.2f}")
-    bad = [r["case"] for r in rows if not within_plan(r, args.slack_gib)]
-    print(f"planned within 15% (or {args.slack_gib} GiB) of measured" if not bad else f"outside 15% and {args.slack_gib} GiB: {bad}")
-    return 0 if not bad else 1
+    return verdict(rows, args.slack_gib)
 
 
 if __name__ == "__main__":

@@ -241,13 +241,13 @@ class Plan:
         return "\n".join(rows + [f"note: {n}" for n in self.notes])
 
 
-def learner_sets(accumulating: bool) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+def learner_sets(accumulating: bool, *, backend: str, gpus: int) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
     """The persistent components and the working sets of an ``hf`` / ``fsdp`` step (module
-    docstring): with ``accumulating`` the gradients are persistent, else they join the backward's
-    working set, which the loss's has left."""
+    docstring): with ``accumulating`` (or DDP's buckets: ``hf`` on several GPUs) the gradients are
+    persistent, else they join the backward's working set, which the loss's has left."""
     update = ("gathered", "autocast copies", "activations")
     sampling = ("rollout cache",)
-    if accumulating:
+    if accumulating or (backend == "hf" and gpus > 1):
         return ("weights", "gradients", "optimizer", "reference", "rollout engine"), {
             "update": (*update, "loss"), "sampling": sampling}
     return ("weights", "optimizer", "reference", "rollout engine"), {
@@ -288,7 +288,7 @@ def plan(cfg: Config, shape: Shape, *, gpus: int, gpu_gib: float | None = None, 
     c["activations"] = activation_bytes(s, w, bc, cfg.train.activation_checkpointing)
     notes = [f"micro-batch: {w.tokens} tokens ({w.sequences} sequences), {w.patches} patches, "
              f"{w.completion_tokens} completion tokens"]  # fmt: skip
-    persistent, working = learner_sets(accumulating or (m.backend == "hf" and gpus > 1))
+    persistent, working = learner_sets(accumulating, backend=m.backend, gpus=gpus)
     return Plan(
         components=c,
         persistent=persistent,
