@@ -38,9 +38,9 @@ def cache(tmp_path_factory):
 
 
 REPO_PLAN = Path(__file__).resolve().parent.parent / "configs" / "compare_shapes.yaml"
-CONFIGS = ["sft", "rlvr", "sft_then_rlvr", "visurf", "rlvr_kl", "sft_then_rlvr_kl", "visurf_kl",
-           "visurf_no_align", "visurf_no_eliminate", "visurf_no_smooth"]
-THREE_SEEDS = CONFIGS[4:]  # with the KL term and the reward-control ablations; the four paradigms get 5
+FIVE_SEEDS = ["sft", "rlvr", "sft_then_rlvr", "visurf", "luffy", "chord", "dft", "hpt", "visurf_gold_dft"]
+THREE_SEEDS = ["rlvr_kl", "sft_then_rlvr_kl", "visurf_kl", "visurf_no_align", "visurf_no_eliminate", "visurf_no_smooth"]
+CONFIGS = FIVE_SEEDS + THREE_SEEDS  # the paper's paradigms and the single-stage family get 5 seeds; KL and ablations 3
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ def test_every_configuration_runs_and_is_reported(compared):
     assert ablations["visurf_no_align"]["align"] is False and ablations["visurf"]["align"] is True
     assert ablations["visurf_no_smooth"]["smooth"] is False and ablations["visurf_no_eliminate"]["eliminate"] is False
     assert ablations["sft_then_rlvr"]["paradigm"] == "sft_then_rlvr"
+    assert ablations["visurf_gold_dft"]["gold_loss"] == "dft" and ablations["luffy"]["paradigm"] == "luffy"
 
     report = json.loads((runs / "report" / "results.json").read_text())
     assert list(report["summary"]["configs"]) == CONFIGS
@@ -171,15 +172,19 @@ def test_repo_plan_covers_the_issue(compare):
     plan = compare.load_plan(REPO_PLAN)
     assert list(plan.runs) == CONFIGS and len(plan.seeds) == 5
     assert all(plan.seeds_of(n) == [0, 1, 2] for n in THREE_SEEDS)
-    assert all(plan.seeds_of(n) == plan.seeds for n in CONFIGS[:4])
+    assert all(plan.seeds_of(n) == plan.seeds for n in FIVE_SEEDS)
     jobs = compare.make_jobs(plan)
-    assert len(jobs) == 4 * 5 + 6 * 3
+    assert len(jobs) == 9 * 5 + 6 * 3
     assert plan.config["algo"]["kl_coef"] == 0  # the default's, the paper's objective
-    assert {(j.cfg.algo.paradigm, j.cfg.algo.align, j.cfg.algo.eliminate, j.cfg.algo.smooth, j.cfg.algo.kl_coef) for j in jobs} == {
-        ("sft", True, True, True, 0), ("rlvr", True, True, True, 0), ("sft_then_rlvr", True, True, True, 0),
-        ("visurf", True, True, True, 0), ("rlvr", True, True, True, 0.05), ("sft_then_rlvr", True, True, True, 0.05),
-        ("visurf", True, True, True, 0.05), ("visurf", False, True, True, 0), ("visurf", True, False, True, 0),
-        ("visurf", True, True, False, 0),
-    }  # every RL paradigm without the KL term and with the previous default's
-    assert len({(j.cfg.train.steps, j.cfg.data.seed, j.cfg.data.probe_size) for j in jobs}) == 1  # same budget and data
+    assert {(j.cfg.algo.paradigm, j.cfg.algo.align, j.cfg.algo.eliminate, j.cfg.algo.smooth, j.cfg.algo.kl_coef,
+             j.cfg.algo.gold_loss) for j in jobs} == {
+        ("sft", True, True, True, 0, "ppo"), ("rlvr", True, True, True, 0, "ppo"), ("sft_then_rlvr", True, True, True, 0, "ppo"),
+        ("visurf", True, True, True, 0, "ppo"), ("rlvr", True, True, True, 0.05, "ppo"),
+        ("sft_then_rlvr", True, True, True, 0.05, "ppo"), ("visurf", True, True, True, 0.05, "ppo"),
+        ("visurf", False, True, True, 0, "ppo"), ("visurf", True, False, True, 0, "ppo"), ("visurf", True, True, False, 0, "ppo"),
+        ("luffy", True, True, True, 0, "ppo"), ("chord", True, True, True, 0, "ppo"), ("dft", True, True, True, 0, "ppo"),
+        ("hpt", True, True, True, 0, "ppo"), ("visurf", True, True, True, 0, "dft"),
+    }  # every RL paradigm without the KL term and with the previous default's; the family on the same settings
+    assert len({(j.cfg.train.steps, j.cfg.data.seed, j.cfg.data.probe_size, j.cfg.train.threads) for j in jobs}) == 1  # same budget, data, threads
+    assert jobs[0].cfg.train.threads == 1  # two runs side by side on 2 cores
     assert jobs[0].cfg.data.probe_size > 0 and jobs[0].cfg.train.eval_every > 0
