@@ -285,6 +285,7 @@ def plot_sweep(path: Path, table: dict[str, dict[Any, dict[str, Any]]], key: str
         ax.set_xscale("log")
         ax.set_xticks(sorted({float(v) for by_value in table.values() for v in by_value}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # the log axis's minor labels overlap the values
         ax.grid(alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
