@@ -26,9 +26,12 @@ from pathlib import Path
 # The smallest model (parameters, as ``checkpoint_params`` counts them) for which ``auto`` picks
 # vLLM on CPU. It comes from bench/rollout_backends.py's results file
 # (bench/results/rollout_backends-cpu-<date>.json, "crossover"): the smallest model of the ladder
-# from which vLLM's rollout + weight sync beats the HF decode loop.
-# PLACEHOLDER, not measured yet: replace with the measured crossover from a quiet machine.
-CPU_VLLM_MIN_PARAMS = 100e6
+# from which vLLM's rollout + weight sync beats the HF decode loop. Measured on a quiet 2-core AMD
+# EPYC, 2 threads (bench/results/rollout_backends-cpu-20261207-161808.json): the HF loop 2.1x
+# vLLM's rate at the tiny model (1.2 M), vLLM 1.65x the loop's at 3b:1:1 (446,160,056); the
+# ladder has no point in between (a Qwen2.5-VL-3B-width model is never smaller), so the
+# threshold is the smallest model vLLM was measured to win on.
+CPU_VLLM_MIN_PARAMS = 446e6
 
 log = logging.getLogger(__name__)
 
