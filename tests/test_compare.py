@@ -85,7 +85,11 @@ def test_every_configuration_runs_and_is_reported(compared):
     assert report["summary"]["configs"]["visurf"]["giou"]["mean"] == pytest.approx(visurf["final"]["giou"])
     assert report["summary"]["configs"]["visurf"]["giou"]["std"] is None  # one seed
     assert report["provenance"]["command"].startswith("python -m visurf_engine.compare --config ")
-    assert visurf["provenance"] == report["provenance"]  # the session that trained it
+    def session(prov):  # the provenance without the torch threads (a run's are its train.threads)
+        return {k: v for k, v in prov.items() if k != "threads"}
+
+    assert session(visurf["provenance"]) == session(report["provenance"])  # the session that trained it
+    assert visurf["provenance"]["threads"]["torch"] == visurf["config"]["train"]["threads"] == 1  # the plan's one thread
     for figure in report["figures"].values():
         with Image.open(figure) as im:
             assert im.format == "PNG" and min(im.size) >= 400
