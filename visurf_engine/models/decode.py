@@ -11,12 +11,15 @@ model on CPU that machinery, not arithmetic, is most of a decode step.
    keys and values are copied into a ``StaticKV`` of ``static_cache_length`` positions (256-token
    buckets), each prompt's rows repeated for its samples (``rows``): G samples of a prompt share
    one prefill, where ``generate`` runs the prompt and its image G times.
-2. **Decode**: per new token, the language model's embedding, rotary embedding and every
-   decoder layer called as modules (their norms, projections, rotary application, attention and
-   MLP: nothing re-implemented), with ``StaticKV`` as their cache (``update`` writes the new key
-   and value in place and hands back the filled prefix) and a ``[B, 1, 1, L]`` mask of the
-   non-padding positions. A generated token's position is the prompt's last mRoPE position + 1
-   + its index on all three axes, as the trainer's packed forward places it.
+2. **Decode**: per new token, the language model's embedding, then each decoder layer's own
+   weights in its own arithmetic (pre-norm attention and SiLU-gated MLP with residuals,
+   ``_layer_step``) called as functions rather than as modules: on a small model on CPU a module
+   call costs more than the arithmetic under it (the step's operator calls fell from 390 to 238
+   on the tiny model, a rollout's time from 0.206 to 0.178 s on one thread). The key and value are written in place into ``StaticKV`` and attention
+   runs over its filled prefix with an additive mask of the non-padding positions. A generated
+   token's position is the prompt's last mRoPE position + 1 + its index on all three axes, as the
+   trainer's packed forward places it; the cos/sin of every step come from the model's own
+   rotary embedding in one call before the loop, and ``rotate_half`` is a matmul by a signed permutation.
 3. **Next token**: the vision placeholder tokens are suppressed (-inf), logits divided by the
    temperature, top-p applied (``top_p < 1``), then a draw by inverse CDF (``searchsorted`` of a
    uniform in the cumulative probabilities: the categorical distribution exactly, ten times
@@ -61,13 +64,6 @@ class StaticKV:
             self.keys[-1][:, :, : k.shape[2]] = k
             self.values[-1][:, :, : v.shape[2]] = v
         self.length = prefill.layers[0].keys.shape[2]
-
-    def update(self, key, value, layer_idx: int, *args, **kwargs):
-        """Write ``key`` / ``value`` ``[B, H_kv, 1, D]`` at the next position; the filled prefix of this layer."""
-        n = self.length
-        self.keys[layer_idx][:, :, n : n + 1] = key
-        self.values[layer_idx][:, :, n : n + 1] = value
-        return self.keys[layer_idx][:, :, : n + 1], self.values[layer_idx][:, :, : n + 1]
 
 
 def _cache_keyword(layer) -> str:
@@ -127,16 +123,22 @@ def decode(
                 image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=True,
                 **{_cache_keyword(lm.layers[0]): prefill})  # fmt: skip
     cache = StaticKV(prefill, static_cache_length(width + max_new_tokens), rows)
-    valid = torch.zeros(batch, cache.keys[0].shape[2], dtype=torch.bool, device=input_ids.device)
-    valid[:, :width] = attention_mask.bool()[rows]
     next_position = positions.amax(dim=(0, 2))[rows] + 1  # [B]: the prompt's last mRoPE position + 1
     suppressed = torch.tensor(list(suppressed), device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    cache_keyword = _cache_keyword(lm.layers[0])
-    hidden = out.last_hidden_state[rows, -1:]
+    hidden = out.last_hidden_state[rows, -1]  # [B, hidden]: the prefill's last position (normed)
+    steps = torch.arange(max_new_tokens, device=input_ids.device)
+    pos = (next_position[:, None] + steps).expand(3, batch, max_new_tokens)  # every new token's mRoPE position
+    cos, sin = lm.rotary_emb(hidden[:, None], pos)  # [B, T, D] each, the model's own rotary embedding
+    half = cos.shape[-1] // 2
+    swap = torch.zeros(2 * half, 2 * half, dtype=cos.dtype, device=cos.device)  # x @ swap = rotate_half(x)
+    swap[half:, :half] = -torch.eye(half, dtype=cos.dtype, device=cos.device)
+    swap[:half, half:] = torch.eye(half, dtype=cos.dtype, device=cos.device)
+    bias = torch.full((batch, cache.keys[0].shape[2]), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+    bias[:, :width].masked_fill_(attention_mask.bool()[rows], 0.0)  # [B, L]: the additive mask of the filled positions
     tokens, logprobs = [], []
     for step in range(max_new_tokens):
-        token, logp = _next_token(model.lm_head(hidden)[:, -1], suppressed, temperature, top_p, do_sample)
+        token, logp = _next_token(model.lm_head(hidden), suppressed, temperature, top_p, do_sample)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         logprobs.append(torch.where(finished, torch.zeros_like(logp), logp))
@@ -144,15 +146,42 @@ def decode(
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         n = cache.length
-        valid[:, n] = True
-        pos = (next_position + step).view(1, batch, 1).expand(3, batch, 1)
-        hidden = lm.embed_tokens(token[:, None])
-        rotary = lm.rotary_emb(hidden, pos)
-        mask = valid[:, None, None, : n + 1]
-        for layer in lm.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=pos[0], position_embeddings=rotary,
-                           **{cache_keyword: cache})  # fmt: skip
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        bias[:, n] = 0.0
+        rotary = (cos[:, step, None], sin[:, step, None], swap)  # [B, 1, D], [B, 1, D], [D, D]
+        hidden = lm.embed_tokens(token)
+        for i, layer in enumerate(lm.layers):
+            hidden = _layer_step(layer, hidden, rotary, cache.keys[i], cache.values[i], n, bias[:, None, None, : n + 1])
         cache.length = n + 1
         hidden = lm.norm(hidden)
     return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
+def _rms_norm(norm, x):
+    """The model's RMSNorm ``w * (x / sqrt(mean(x^2) + eps))``, computed in float32 as it computes it."""
+    return norm.weight * torch.nn.functional.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
+
+
+def _layer_step(layer, x, rotary, keys, values, n: int, mask):
+    """One decoder layer for one new token per row: ``x [B, hidden]`` -> ``[B, hidden]``, its key and
+    value written at position ``n`` of ``keys`` / ``values [B, H_kv, L, D]``. The layer's own weights
+    and the arithmetic of its modules (pre-norm attention and SiLU-gated MLP, residuals), called as
+    functions: a decode step is a few hundred operator calls, and a module call costs more than the
+    arithmetic here. Rotary: ``x cos + rotate_half(x) sin`` for ``x = [q; k]`` at once, with
+    ``rotate_half(x) = x @ S`` (``rotary = (cos, sin, S)``; S a signed permutation, exact in any
+    dtype), in the precision the model's own rotary runs in."""
+    attn, mlp, linear = layer.self_attn, layer.mlp, torch.nn.functional.linear
+    heads, kv_heads, dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+    h = _rms_norm(layer.input_layernorm, x)
+    q = linear(h, attn.q_proj.weight, attn.q_proj.bias).view(-1, heads, dim)
+    k = linear(h, attn.k_proj.weight, attn.k_proj.bias).view(-1, kv_heads, dim)
+    cos, sin, swap = rotary
+    qk = torch.cat((q, k), 1)  # [B, H + H_kv, D]
+    qk = qk * cos + (qk @ swap) * sin
+    keys[:, :, n] = qk[:, heads:]
+    values[:, :, n] = linear(h, attn.v_proj.weight, attn.v_proj.bias).view(-1, kv_heads, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qk[:, :heads, None], keys[:, :, : n + 1], values[:, :, : n + 1], attn_mask=mask, scale=attn.scaling,
+        enable_gqa=True)  # fmt: skip
+    x = x + linear(out.view(len(x), heads * dim), attn.o_proj.weight, attn.o_proj.bias)
+    h = _rms_norm(layer.post_attention_layernorm, x)
+    return x + linear(mlp.act_fn(linear(h, mlp.gate_proj.weight)) * linear(h, mlp.up_proj.weight), mlp.down_proj.weight)
