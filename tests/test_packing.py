@@ -19,6 +19,7 @@ from engine_testing.megatron import PATCH_DIM, tiny_policy, tiny_vl_model
 from visurf_engine.algo.members import Members
 from visurf_engine.learners.base import make_micro_batch
 from visurf_engine.learners.hf import HFLearner
+from visurf_engine.models import collate as collate_module
 from visurf_engine.models.collate import Batching
 from visurf_engine.models.prompts import Prompts
 from visurf_engine.parallel.world import World
@@ -73,10 +74,18 @@ def _step(batching: Batching):
     return sum(loss for loss, _ in out), stats, grads, parts, calls, micro
 
 
-@pytest.mark.parametrize("layout", [PACKED, SHARED], ids=["packed", "shared-prompts"])
-def test_packed_vision_once_equals_padded_per_member(layout):
+@pytest.mark.parametrize("layout, one_call_tokens", [(PACKED, None), (SHARED, None), (SHARED, 0)],
+                         ids=["packed", "shared-prompts", "shared-prompts-per-segment"])  # fmt: skip
+def test_packed_vision_once_equals_padded_per_member(layout, one_call_tokens, monkeypatch):
+    """Shared prompts: each group's attention in one masked call (the groups here are short), or
+    (``ONE_CALL_GROUP_TOKENS = 0``) one call per segment; both against the padded batch."""
+    if one_call_tokens is not None:
+        monkeypatch.setattr(collate_module, "ONE_CALL_GROUP_TOKENS", one_call_tokens)
     loss_p, stats_p, grads_p, _, calls_p, _ = _step(PADDED)
     loss_k, stats_k, grads_k, parts, calls_k, micro = _step(layout)
+    if layout is SHARED:
+        one_call = [m is not None for x in micro for m in x.batch.group_masks]
+        assert all(one_call) if one_call_tokens is None else not any(one_call)
     first_group = range(len(LENGTHS[0]))
     assert any(0 < r.start < first_group.stop for r in parts), "no micro-batch boundary inside the first group"
     assert all(x.batch.cu_seqlens is not None and x.batch.input_ids.shape[0] == 1 for x in micro)

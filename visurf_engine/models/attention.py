@@ -18,10 +18,11 @@ attends only to keys of its own sequence, causally:
   the single-call alternatives measured (``docs/performance.md``: the same sequences padded
   into one SDPA call; FlexAttention with a document mask, which in torch 2.13 has no CPU
   backward and ran its forward 2.4x slower);
-- with shared prompts (``segment_prefix``: ``models.collate``'s packed, shared prompts): a prompt
-  segment attends causally to itself, a completion segment to its prompt segment and causally
-  to itself (one SDPA call per segment, the prompt's keys and values in front of the
-  completion's; the varlen kernels take no prefix, so this path runs on every device);
+- with shared prompts (``segment_prefix``, ``group_masks``: ``models.collate``'s packed, shared
+  prompts): a prompt segment attends causally to itself, a completion segment to its prompt
+  segment and causally to itself: one SDPA call per group with the group's mask where collate
+  made one (short groups), else one per segment (the prompt's keys and values in front of the
+  completion's); the varlen kernels take no prefix, so this path runs on every device;
 - without boundaries (padded batches, generation, the vision tower): plain SDPA, unchanged.
 
 The mask interface of the same name is SDPA's, so padded batches get the masks they always
@@ -97,12 +98,12 @@ def varlen_kernel(device: torch.device, dtype: torch.dtype) -> Varlen | None:
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, cu_seq_lens_q=None, segment_prefix=None,
-                             **kwargs):  # fmt: skip
+                             group_masks=None, **kwargs):  # fmt: skip
     """``(out[B, T, H, D], None)`` for ``query[B, Hq, T, D]``, ``key``/``value[B, Hkv, T, D]`` (see module docstring)."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if segment_prefix is not None:
-        return _shared_prompt_attention(module, query, key, value, cu_seq_lens_q, segment_prefix, **kwargs)
+        return _shared_prompt_attention(module, query, key, value, cu_seq_lens_q, segment_prefix, group_masks, **kwargs)
     kernel = varlen_kernel(query.device, query.dtype)
     if kernel is not None:
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
@@ -120,21 +121,28 @@ def packed_attention_forward(module, query, key, value, attention_mask, cu_seq_l
     return torch.cat(outs, dim=1), None
 
 
-def _shared_prompt_attention(module, query, key, value, cu_seq_lens_q, segment_prefix, **kwargs):
-    """Each segment's attention: a prompt's causally on itself, a completion's on its prompt and
-    causally on itself (``[C, P + C]`` mask: prompt columns all, own columns up to the diagonal)."""
+def _shared_prompt_attention(module, query, key, value, cu_seq_lens_q, segment_prefix, group_masks, **kwargs):
+    """Each group's attention: one call under its mask ``group_masks[g]``, or, where that is None,
+    each segment's: a prompt's causally on itself, a completion's on its prompt and causally on
+    itself (``[C, P + C]`` mask: prompt columns all, own columns up to the diagonal)."""
     for k in ("cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids"):
         kwargs.pop(k, None)
     bounds, prefix = cu_seq_lens_q.tolist(), segment_prefix.tolist()
+    firsts = [j for j, p in enumerate(prefix) if p == j] + [len(prefix)]  # each group's prompt segment, then the end
     outs = []
-    for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if prefix[j] == j:
-            outs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0])
+    for g, mask in enumerate(group_masks):
+        first, end = firsts[g], firsts[g + 1]
+        if mask is not None:
+            a, b = bounds[first], bounds[end]
+            outs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask[None, None],
+                                               **kwargs)[0])  # fmt: skip
             continue
-        pa, pb = bounds[prefix[j]], bounds[prefix[j] + 1]
-        keys, values = (torch.cat([x[:, :, pa:pb], x[:, :, a:b]], dim=2) for x in (key, value))
-        mask = torch.ones(b - a, pb - pa + b - a, dtype=torch.bool, device=query.device).tril(diagonal=pb - pa)
-        outs.append(sdpa_attention_forward(module, query[:, :, a:b], keys, values, mask[None, None], **kwargs)[0])
+        pa, pb = bounds[first], bounds[first + 1]
+        outs.append(sdpa_attention_forward(module, query[:, :, pa:pb], key[:, :, pa:pb], value[:, :, pa:pb], None, **kwargs)[0])
+        for a, b in zip(bounds[first + 1 : end], bounds[first + 2 : end + 1]):
+            keys, values = (torch.cat([x[:, :, pa:pb], x[:, :, a:b]], dim=2) for x in (key, value))
+            mask = torch.ones(b - a, pb - pa + b - a, dtype=torch.bool, device=query.device).tril(diagonal=pb - pa)
+            outs.append(sdpa_attention_forward(module, query[:, :, a:b], keys, values, mask[None, None], **kwargs)[0])
     return torch.cat(outs, dim=1), None
 
 

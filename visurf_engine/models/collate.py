@@ -14,7 +14,10 @@ S sequences, sequence s = prompt ``idx[s]`` (``P_s`` tokens, one image) + comple
   of the segments (each prompt, each completion) and ``segment_prefix[j]`` the prompt segment
   completion segment j attends to (a prompt segment: itself): a completion's queries attend to
   its prompt and, causally, to itself, exactly what they attend to in its own sequence, so the
-  prompt's forward and backward run once per group instead of k times.
+  prompt's forward and backward run once per group instead of k times. ``group_masks[g]`` is
+  group g's ``[L_g, L_g]`` mask of exactly that (``t`` attends ``u <= t`` of its own segment or of
+  the prompt) when ``L_g <= ONE_CALL_GROUP_TOKENS``, so its attention is one call; None for a
+  longer group, whose segments attend one call each (``models.attention``).
 
 ``position_ids[3, R, T]`` are each sequence's own mRoPE positions (temporal, height, width),
 from the model's ``get_rope_index`` run on that sequence alone, so a packed sequence has
@@ -40,6 +43,13 @@ import torch
 from .prompts import Prompts
 
 RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the model's get_rope_index
+
+# A shared-prompt group of at most this many tokens attends in one masked call: the masked-out
+# blocks (its completions against each other) cost L_g^2 - sum of the segments' own, cheaper than
+# one call per segment while groups are short (on CPU, the default task's ~300-token groups: one
+# layer's attention forward + backward 14.8 ms against 23.2 per segment, one thread); longer
+# groups (real prompts with images, long completions) keep one call per segment.
+ONE_CALL_GROUP_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,7 @@ class SequenceBatch:
     targets: torch.Tensor  # [N] completion token ids
     lengths: torch.Tensor  # [S] completion lengths
     segment_prefix: torch.Tensor | None = None  # [segments] int64, shared prompts: each segment's prompt segment
+    group_masks: tuple[torch.Tensor | None, ...] | None = None  # shared prompts: each group's [L_g, L_g] mask or None
 
     def lm_kwargs(self) -> dict:
         """The language-model keyword arguments (no vision) of this batch."""
@@ -114,7 +125,7 @@ class SequenceBatch:
             kw |= {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
                    "max_length_q": longest, "max_length_k": longest}  # fmt: skip
         if self.segment_prefix is not None:
-            kw["segment_prefix"] = self.segment_prefix
+            kw |= {"segment_prefix": self.segment_prefix, "group_masks": self.group_masks}
         return kw
 
 
@@ -184,7 +195,7 @@ def _collate_shared(prompts: Prompts, idx: list[int], completions: Sequence[Sequ
         else:
             groups.append((p, [s]))
     images = list(dict.fromkeys(idx))
-    ids, pos, bounds, prefix, where = [], [], [0], [], [None] * len(idx)
+    ids, pos, bounds, prefix, where, masks = [], [], [0], [], [None] * len(idx), []
     for p, members in groups:
         prompt = prompts.input_ids[p]
         grid = prompts.image_grid_thw[p]
@@ -201,6 +212,7 @@ def _collate_shared(prompts: Prompts, idx: list[int], completions: Sequence[Sequ
             pos.append((last + 1 + torch.arange(len(c))).expand(3, -1))
             prefix.append(prompt_segment)
             bounds.append(bounds[-1] + len(c))
+        masks.append(_group_mask(torch.tensor(bounds[prompt_segment:]) - start, device))
     columns = torch.cat([torch.cat([torch.tensor([last]), first + torch.arange(len(c) - 1)]) if len(c) else
                          torch.zeros(0, dtype=torch.long)
                          for (last, first), c in zip(where, completions)])  # fmt: skip
@@ -217,4 +229,18 @@ def _collate_shared(prompts: Prompts, idx: list[int], completions: Sequence[Sequ
         targets=torch.cat([torch.tensor(c, dtype=torch.long) for c in completions]).to(device),
         lengths=torch.tensor([len(c) for c in completions]),
         segment_prefix=torch.tensor(prefix, dtype=torch.long),
+        group_masks=tuple(masks),
     )
+
+
+def _group_mask(bounds: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The ``[L, L]`` attention mask of a group with segment ``bounds`` (prompt first, ``L =
+    bounds[-1]``): query t sees key u <= t of its own segment or of the prompt; None when ``L >
+    ONE_CALL_GROUP_TOKENS``."""
+    length = int(bounds[-1])
+    if length > ONE_CALL_GROUP_TOKENS:
+        return None
+    segment = torch.repeat_interleave(torch.arange(len(bounds) - 1), bounds[1:] - bounds[:-1])
+    t = torch.arange(length)
+    mask = (t[None] <= t[:, None]) & ((segment[None] == segment[:, None]) | (segment[None] == 0))
+    return mask.to(device)
