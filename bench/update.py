@@ -1,9 +1,9 @@
-"""Benchmark of the update phase: padded rows vs packed sequences vs packed + vision once.
+"""Benchmark of the update phase: padded rows vs packed sequences vs packed + vision once (+ shared prompts).
 
 One ViSurf update (``HFLearner.forward_backward`` over the step's micro-batches, then
 ``step``) on B prompts x (G rollouts + the gold), with a realistic spread of completion
 lengths (40% short direct answers, 60% reasoning traces up to the budget; the gold short),
-each prompt one image. Three layouts of the same members, each in a fresh process (so its
+each prompt one image. Four layouts of the same members, each in a fresh process (so its
 peak memory is its own), measured side by side in one run:
 
   padded          right-padded rows, ``train.micro_batch_size`` sequences each, the vision
@@ -11,6 +11,9 @@ peak memory is its own), measured side by side in one run:
   packed          one packed row per micro-batch (``train.max_tokens_per_micro_batch``),
                   attention within each sequence; the vision tower still per member
   packed+vision   packed, and each prompt image through the vision tower once per forward
+  packed+vision+shared  the trainer's default: packed+vision with each group's prompt once in
+                  the row (``train.share_prompts``; a group of at most
+                  ``collate.ONE_CALL_GROUP_TOKENS`` tokens attends in one masked call)
 
 Reports the median seconds per update and the peak memory (CUDA: allocator peak; CPU: the
 process's peak RSS above what it held before the first update), and each layout's ratio to
@@ -62,6 +65,7 @@ LAYOUTS = {
     "padded": Batching(pack=False, vision_once=False, max_seqs=16),
     "packed": Batching(pack=True, vision_once=False, max_tokens=8192),
     "packed+vision": Batching(pack=True, vision_once=True, max_tokens=8192),
+    "packed+vision+shared": Batching(pack=True, vision_once=True, max_tokens=8192, share_prompts=True),
 }
 
 
@@ -201,14 +205,14 @@ def main(argv=None) -> int:
             write(complete=False)
     print(f"\n{device_name()}; preset {args.preset}, {args.prompts} prompts x (G + gold), {args.image}px images, "
           f"completion budget {args.budget}; median of {args.reps}")  # fmt: skip
-    print(f"{'G':>3s} {'layout':14s} {'s/update':>9s} {'x padded':>9s} {'peak MB':>8s} {'x padded':>9s} "
+    print(f"{'G':>3s} {'layout':20s} {'s/update':>9s} {'x padded':>9s} {'peak MB':>8s} {'x padded':>9s} "
           f"{'micro':>5s} {'row tokens':>10s} {'vision imgs':>11s}")  # fmt: skip
     for r in rows:
         if "error" in r:
-            print(f"{r['g']:3d} {r['layout']:14s} failed: {r['error']}")
+            print(f"{r['g']:3d} {r['layout']:20s} failed: {r['error']}")
             continue
         ratio = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        print(f"{r['g']:3d} {r['layout']:14s} {r['s_per_update']:9.3f} {ratio(r['time_vs_padded']):>9s} "
+        print(f"{r['g']:3d} {r['layout']:20s} {r['s_per_update']:9.3f} {ratio(r['time_vs_padded']):>9s} "
               f"{r['peak_bytes'] / 2**20:8.0f} {ratio(r['peak_vs_padded']):>9s} {r['micro_batches']:5d} "
               f"{r['padded_tokens']:10d} {r['vision_images']:11d}")  # fmt: skip
     print(f"\nwrote {write(complete=True)}")
