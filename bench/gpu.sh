@@ -243,10 +243,10 @@ def update():
     for r in rows:
         if "error" in r:
             out.append(f"failed G={r['g']} {r['layout']}: {r['error']}")
-        elif r["layout"] == "packed+vision" and r.get("time_vs_padded") is None:
-            out.append(f"G={r['g']}: packed+vision {r['s_per_update']:.2f} s/update (no padded row to compare)")
-        elif r["layout"] == "packed+vision":
-            out.append(f"G={r['g']}: packed+vision {r['time_vs_padded']:.2f}x padded time, {r['peak_vs_padded'] or 0:.2f}x memory")
+        elif r["layout"].startswith("packed+vision") and r.get("time_vs_padded") is None:
+            out.append(f"G={r['g']}: {r['layout']} {r['s_per_update']:.2f} s/update (no padded row to compare)")
+        elif r["layout"].startswith("packed+vision"):
+            out.append(f"G={r['g']}: {r['layout']} {r['time_vs_padded']:.2f}x padded time, {r['peak_vs_padded'] or 0:.2f}x memory")
     return "; ".join(out)
 
 def throughput():

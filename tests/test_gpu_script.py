@@ -124,10 +124,10 @@ def test_update_bench_records_failed_layouts_and_keeps_the_others(tmp_path, monk
     monkeypatch.setattr(update.subprocess, "run", fake_run)
     assert update.main(["--quick", "--out", str(tmp_path / "u.json")]) == 1
     data = json.loads((tmp_path / "u.json").read_text())
-    padded, packed, vision = data["results"]
+    padded, packed, vision, shared = data["results"]
     assert data["complete"] is True and padded["time_vs_padded"] == 1.0
     assert packed["error"] == "OutOfMemoryError: x" and "torch.OutOfMemoryError" in packed["stderr_tail"]
-    assert vision["error"] == "worker died (killed by signal 9) without a result"
+    assert vision["error"] == shared["error"] == "worker died (killed by signal 9) without a result"
 
     def oom(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
