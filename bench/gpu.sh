@@ -65,7 +65,7 @@ cuda-tests       60   60
 megatron-tp      30   60
 kernels-bench    50   40
 throughput       95  110
-update-bench     50   50
+update-bench     50   70
 weight-sync      25   40
 memory           85   40
 "
