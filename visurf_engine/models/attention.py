@@ -129,16 +129,18 @@ def _shared_prompt_attention(module, query, key, value, cu_seq_lens_q, segment_p
         kwargs.pop(k, None)
     bounds, prefix = cu_seq_lens_q.tolist(), segment_prefix.tolist()
     firsts = [j for j, p in enumerate(prefix) if p == j] + [len(prefix)]  # each group's prompt segment, then the end
+
+    def span(a: int, b: int, mask):  # columns a:b attending to themselves under ``mask``
+        return sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask, **kwargs)[0]
+
     outs = []
     for g, mask in enumerate(group_masks):
         first, end = firsts[g], firsts[g + 1]
         if mask is not None:
-            a, b = bounds[first], bounds[end]
-            outs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask[None, None],
-                                               **kwargs)[0])  # fmt: skip
+            outs.append(span(bounds[first], bounds[end], mask[None, None]))
             continue
         pa, pb = bounds[first], bounds[first + 1]
-        outs.append(sdpa_attention_forward(module, query[:, :, pa:pb], key[:, :, pa:pb], value[:, :, pa:pb], None, **kwargs)[0])
+        outs.append(span(pa, pb, None))
         for a, b in zip(bounds[first + 1 : end], bounds[first + 2 : end + 1]):
             keys, values = (torch.cat([x[:, :, pa:pb], x[:, :, a:b]], dim=2) for x in (key, value))
             mask = torch.ones(b - a, pb - pa + b - a, dtype=torch.bool, device=query.device).tril(diagonal=pb - pa)

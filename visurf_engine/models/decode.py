@@ -1,10 +1,11 @@
 """Decoding a Qwen2(.5)-VL policy in a loop of its own, over a preallocated KV cache.
 
 ``decode(model, ...)`` does what transformers' ``generate`` does for sampling and greedy decoding
-(the same prefill, the same decoder layers, the same logits processing and ``torch.multinomial``
-draws), without its per-token machinery (input preparation, cache objects growing by
-concatenation, mask rebuilding, logits-processor and stopping-criteria objects): on a small
-model on CPU that machinery, not arithmetic, is most of a decode step.
+(the same prefill, each decoder layer's arithmetic on its own weights, the same logits
+processing, a draw from the same categorical distribution), without its per-token machinery
+(input preparation, cache objects growing by concatenation, mask rebuilding, logits-processor
+and stopping-criteria objects): on a small model on CPU that machinery, not arithmetic, is most
+of a decode step.
 
 1. **Prefill**: the model's own forward on the left-padded *distinct* prompts (vision tower
    included) with transformers' ``DynamicCache``, at the mRoPE positions of ``get_rope_index``; the
@@ -15,17 +16,18 @@ model on CPU that machinery, not arithmetic, is most of a decode step.
    weights in its own arithmetic (pre-norm attention and SiLU-gated MLP with residuals,
    ``_layer_step``) called as functions rather than as modules: on a small model on CPU a module
    call costs more than the arithmetic under it (the step's operator calls fell from 390 to 238
-   on the tiny model, a rollout's time from 0.206 to 0.178 s on one thread). The key and value are written in place into ``StaticKV`` and attention
-   runs over its filled prefix with an additive mask of the non-padding positions. A generated
-   token's position is the prompt's last mRoPE position + 1 + its index on all three axes, as the
-   trainer's packed forward places it; the cos/sin of every step come from the model's own
-   rotary embedding in one call before the loop, and ``rotate_half`` is a matmul by a signed permutation.
+   on the tiny model, a rollout's time from 0.206 to 0.178 s on one thread). The key and value
+   are written in place into ``StaticKV`` and attention runs over its filled prefix with an
+   additive mask of the non-padding positions. A generated token's position is the prompt's
+   last mRoPE position + 1 + its index on all three axes, as the trainer's packed forward places
+   it; the cos/sin of every step come from the model's own rotary embedding in one call before
+   the loop, and ``rotate_half`` is a matmul by a signed permutation.
 3. **Next token**: the vision placeholder tokens are suppressed (-inf), logits divided by the
    temperature, top-p applied (``top_p < 1``), then a draw by inverse CDF (``searchsorted`` of a
    uniform in the cumulative probabilities: the categorical distribution exactly, ten times
-   cheaper than ``multinomial`` on CPU) or ``argmax`` (greedy); a finished sequence (``eos``) is padded. The log-prob of each sampled token under
-   that processed distribution is returned with it (the rollout/trainer mismatch's
-   ``rollout_logp``).
+   cheaper than ``multinomial`` on CPU) or ``argmax`` (greedy); a finished sequence (``eos``) is
+   padded. The log-prob of each sampled token under that processed distribution is returned with it
+   (the rollout/trainer mismatch's ``rollout_logp``).
 
 ``tests/test_decode.py`` checks it against ``generate``: the same greedy tokens, and sampled
 tokens' log-probs equal to the trainer's fused pass within 1e-4.
