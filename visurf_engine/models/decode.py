@@ -16,7 +16,7 @@ of a decode step.
    weights in its own arithmetic (pre-norm attention and SiLU-gated MLP with residuals,
    ``_layer_step``) called as functions rather than as modules: on a small model on CPU a module
    call costs more than the arithmetic under it (the step's operator calls fell from 390 to 238
-   on the tiny model, a rollout's time from 0.206 to 0.178 s on one thread). The key and value
+   on the tiny model, a rollout's time from ~0.19-0.21 to ~0.18 s on one thread). The key and value
    are written in place into ``StaticKV`` and attention runs over its filled prefix with an
    additive mask of the non-padding positions. A generated token's position is the prompt's
    last mRoPE position + 1 + its index on all three axes, as the trainer's packed forward places
