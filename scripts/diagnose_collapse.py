@@ -5,10 +5,12 @@ For the base model and every checkpoint a run directory keeps (run it with e.g.
 present- and absent-object prompts (the config's ``data.eval_*``):
 
 - ``greedy_empty``: the share of greedy answers that are ``[]``;
-- ``p_empty``: the policy's probability of the empty answer at the decision point. The tokenizer
-  merges ``>[]</`` and ``>[{"`` into single tokens, so after ``<answer`` one token decides between
-  "no object" and a box: ``p_empty`` / ``p_box`` are those two tokens' probabilities there, after
-  the policy's own greedy prefix up to that token (teacher-forced, the fused no-grad pass);
+- ``p_empty``: the policy's probability of the empty answer at the decision point: the first
+  token where a ``[]`` answer and a box answer (both in the policy's style, after an empty think
+  slot) tokenize differently decides between "no object" and a box (the merged-tag tokenizer's
+  ``>[]</`` / ``>[{"``, the atomic-tags one's ``[]`` / ``[{"`` after ``<answer>``): ``p_empty`` /
+  ``p_box`` are those two tokens' probabilities there, after the policy's own greedy prefix up to
+  that token (teacher-forced, the fused no-grad pass);
   ``p_empty > p_box`` is where greedy decoding flips to ``[]``;
 - ``sampled_empty``: the share of ``--samples`` sampled completions (the run's temperature) that
   answer ``[]``;
@@ -33,23 +35,23 @@ import torch
 from safetensors.torch import load_model
 
 from visurf_engine.config import config_from_mapping
+from visurf_engine.tasks.shapes.base_model import POLICY_STYLE
 from visurf_engine.trainer import Trainer
 
-EMPTY, BOX = ">[]</", '>[{"'
 
-
-def token_id(tokenizer, piece: str) -> int:
-    ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"{piece!r} is {len(ids)} tokens for this tokenizer; the decision point needs it to be one")
-    return ids[0]
+def decision_tokens(tokenizer, spec, box: list[dict]) -> tuple[int, int]:
+    """The empty answer's and the box answer's token at the first position where the policy-style
+    completions of ``[]`` and of the solution ``box`` tokenize differently (the decision point)."""
+    empty, box = (tokenizer(spec.render(s, POLICY_STYLE), add_special_tokens=False)["input_ids"] for s in ([], box))
+    at = next(j for j, (a, b) in enumerate(zip(empty, box)) if a != b)
+    return empty[at], box[at]
 
 
 @torch.no_grad()
 def decision(trainer: Trainer, rows) -> dict[str, float]:
     """Greedy ``[]`` share, and the mean probabilities of the empty / box token after ``<answer``."""
     policy, tok = trainer.policy, trainer.policy.tokenizer
-    empty, box = token_id(tok, EMPTY), token_id(tok, BOX)
+    empty, box = decision_tokens(tok, trainer.spec, next(r.solution for r in trainer.data.eval if r.solution))
     prompts = policy.encode([r.problem for r in rows], [r.image for r in rows])
     greedy = trainer.rollout.greedy(prompts)
     texts = tok.batch_decode(greedy, skip_special_tokens=True)
