@@ -80,7 +80,7 @@ class WarmStartConfig:
     train_size: int = 4000
     probe_share: float = 0.25  # share of each batch that is the forgetting probe's task (count / colour)
     direct_share: float = 0.5  # share of grounding targets answered directly (empty think slot) instead of reasoned
-    atomic_tags: bool = False  # the tokenizer keeps <think>, </think>, <answer>, </answer> whole (added tokens); false: BPE merges them with their neighbours
+    atomic_tags: bool = True  # the tokenizer keeps <think>, </think>, <answer>, </answer> whole (added tokens); false: BPE merges them with their neighbours
     cache_dir: str = ".cache/visurf_engine"
 
 
