@@ -4,7 +4,7 @@ Two blocks of ``README.md``, each between its markers:
 
 - ``default-distribution``: what the default run ends at over seeds and thread counts, from a
   comparison report (``--distribution``, default ``docs/results/default_distribution.json``: the
-  report of ``python -m visurf_engine.compare --config configs/experiments/robust_default.yaml``,
+  report of ``python -m visurf_engine.compare --config configs/experiments/robust_default_atomic.yaml``,
   the default's config with ``train.seed`` 0-9 at ``train.threads`` 1 and 2): per final metric its
   median, minimum and maximum over every run of the report, the runs that meet the bar (N-Acc and
   bbox_acc both >= 0.5) and those that ended answering ``[]`` to everything (``always_empty``);
