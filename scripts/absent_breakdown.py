@@ -23,6 +23,7 @@ from safetensors.torch import load_model
 
 from visurf_engine.config import config_from_mapping
 from visurf_engine.eval.evaluate import greedy_completions
+from visurf_engine.tasks import prepare_base_model
 from visurf_engine.trainer import Trainer
 
 KINDS = {(False, False): "neither in image", (False, True): "shape in image", (True, False): "colour in image",
@@ -40,7 +41,9 @@ def breakdown(run: Path) -> dict[str, dict[str, float]]:
     last = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     state = json.loads((last / "state.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(config_from_mapping(state["config"], [f"train.output_dir={tmp}", "train.progress=false"]))
+        cfg = config_from_mapping(state["config"], [f"train.output_dir={tmp}", "train.progress=false"])
+        prepare_base_model(cfg, progress=False)  # a base model that is not the shipped one is warm-started (cached) first
+        trainer = Trainer(cfg)
     trainer.policy.model.eval()
     rows = [r for r in trainer.data.eval if not r.solution]
     out = {}

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_model
 
 from visurf_engine.config import config_from_mapping
+from visurf_engine.tasks import prepare_base_model
 from visurf_engine.tasks.shapes.base_model import POLICY_STYLE
 from visurf_engine.trainer import Trainer
 
@@ -103,6 +104,7 @@ def diagnose_run(run: Path, samples: int, limit: int) -> list[dict]:
     steps = sorted(run.glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1]))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_mapping(config, [f"train.output_dir={tmp}", "algo.kl_coef=0", "train.progress=false"])
+        prepare_base_model(cfg, progress=False)  # a base model that is not the shipped one is warm-started (cached) first
         trainer = Trainer(cfg)
     trainer.policy.model.eval()
     present = [r for r in trainer.data.eval if r.solution][:limit]

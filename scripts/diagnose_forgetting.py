@@ -38,7 +38,7 @@ from visurf_engine.eval.evaluate import greedy_completions
 from visurf_engine.models.hf import load_pretrained
 from visurf_engine.models.policy import Batching, Policy
 from visurf_engine.rollout.hf import HFRollout
-from visurf_engine.tasks import base_model_path
+from visurf_engine.tasks import prepare_base_model
 from visurf_engine.tasks.shapes.probe import make_probe_split, probe_correct
 
 PARTS = ("open", "content", "close", "eos")
@@ -113,7 +113,7 @@ def load_run(run: Path):
     if latest is None:
         raise SystemExit(f"{run}: no checkpoint (checkpoints/latest)")
     cfg = config_from_mapping(json.loads((latest / "state.json").read_text())["config"])
-    base = base_model_path(cfg)
+    base = prepare_base_model(cfg, progress=False)  # warm-started (cached) first when it is not the shipped one
     model, processor = load_pretrained(base)
     load_model(model, str(latest / "model.safetensors"), strict=True)
     base_model, _ = load_pretrained(base)

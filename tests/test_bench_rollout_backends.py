@@ -51,7 +51,7 @@ def test_quick_smoke_run_of_the_hf_backends(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["complete"] and result["provenance"]["command"] and result["batch"]["prompts"] == 2
     (tiny,) = result["models"]
-    assert tiny["params"] == 1_150_656 and set(tiny["backends"]) == {"hf-loop", "hf-generate"}
+    assert tiny["params"] == 1_148_864 and set(tiny["backends"]) == {"hf-loop", "hf-generate"}
     assert all(len(r["rollout_s"]) == 1 and 0 < r["tokens"][0] <= 2 * 2 * 4 for r in tiny["backends"].values())
     assert [r["backend"] for r in result["table"]] == ["hf-loop", "hf-generate"]
     assert result["crossover"] == {"model": None, "reason": "vLLM not timed"}
