@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model
 
+from visurf_engine import checkpoint as ckpt
 from visurf_engine.config import config_from_mapping
 from visurf_engine.eval.evaluate import greedy_completions
 from visurf_engine.tasks import prepare_base_model
@@ -38,7 +39,9 @@ def kind(row) -> str:
 
 def breakdown(run: Path) -> dict[str, dict[str, float]]:
     """``{kind: {"rows": n, "n_acc": greedy [] share}}`` for the base model and the run's last checkpoint."""
-    last = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    last = ckpt.latest_checkpoint(run / "checkpoints")
+    if last is None:
+        raise SystemExit(f"{run}: no checkpoint (checkpoints/latest)")
     state = json.loads((last / "state.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_mapping(state["config"], [f"train.output_dir={tmp}", "train.progress=false"])
@@ -50,7 +53,7 @@ def breakdown(run: Path) -> dict[str, dict[str, float]]:
     for name, weights in (("base", None), (f"step {state['step']}", last)):
         if weights is not None:
             load_model(trainer.policy.model, str(weights / "model.safetensors"))
-        texts = greedy_completions(trainer.policy, trainer.rollout, rows, 64, trainer.world)
+        texts = greedy_completions(trainer.policy, trainer.rollout, rows)
         by_kind = defaultdict(list)
         for row, text in zip(rows, texts):
             by_kind[kind(row)].append(trainer.spec.extract_answer(text) == [])
