@@ -221,9 +221,11 @@ def check(kernel, dt, descs, flags):
     ptx = k.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
-    out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                         capture_output=True, text=True, check=True).stderr
-    os.unlink(f.name)
+    try:
+        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:  # also when ptxas fails: a failing compile must not leave its PTX in /tmp
+        os.unlink(f.name)
     r = {"wgmma": "wgmma.mma_async" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
          "spill_bytes": sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", out)),
          "shared_kib": k.metadata.shared / 1024, "ptxas": out}
