@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model
 
+from diagnose_collapse import run_trainer  # scripts/: the script's own directory is on sys.path
 from visurf_engine import checkpoint as ckpt
-from visurf_engine.config import config_from_mapping
 from visurf_engine.eval.evaluate import greedy_completions
-from visurf_engine.tasks import prepare_base_model
-from visurf_engine.trainer import Trainer
 
 KINDS = {(False, False): "neither in image", (False, True): "shape in image", (True, False): "colour in image",
          (True, True): "colour and shape in image"}  # fmt: skip
@@ -43,11 +40,7 @@ def breakdown(run: Path) -> dict[str, dict[str, float]]:
     if last is None:
         raise SystemExit(f"{run}: no checkpoint (checkpoints/latest)")
     state = json.loads((last / "state.json").read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = config_from_mapping(state["config"], [f"train.output_dir={tmp}", "train.progress=false"])
-        prepare_base_model(cfg, progress=False)  # a base model that is not the shipped one is warm-started (cached) first
-        trainer = Trainer(cfg)
-    trainer.policy.model.eval()
+    trainer = run_trainer(state["config"])
     rows = [r for r in trainer.data.eval if not r.solution]
     out = {}
     for name, weights in (("base", None), (f"step {state['step']}", last)):

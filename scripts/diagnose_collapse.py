@@ -99,14 +99,22 @@ def sampled_and_advantages(trainer: Trainer, rows, samples: int) -> dict[str, fl
     return out
 
 
+def run_trainer(config: dict, *overrides: str) -> Trainer:
+    """A trainer of a finished run's ``config`` (+ ``overrides``), in eval mode, to score its checkpoints: the
+    base model prepared first (one that is not the shipped one is warm-started, cached), outputs to a throwaway
+    directory. Also used by ``absent_breakdown.py``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config_from_mapping(config, [f"train.output_dir={tmp}", "train.progress=false", *overrides])
+        prepare_base_model(cfg, progress=False)
+        trainer = Trainer(cfg)
+    trainer.policy.model.eval()
+    return trainer
+
+
 def diagnose_run(run: Path, samples: int, limit: int) -> list[dict]:
     config = json.loads(next(run.glob("checkpoints/step_*/state.json")).read_text())["config"]
     steps = sorted(run.glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1]))
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = config_from_mapping(config, [f"train.output_dir={tmp}", "algo.kl_coef=0", "train.progress=false"])
-        prepare_base_model(cfg, progress=False)  # a base model that is not the shipped one is warm-started (cached) first
-        trainer = Trainer(cfg)
-    trainer.policy.model.eval()
+    trainer = run_trainer(config, "algo.kl_coef=0")
     present = [r for r in trainer.data.eval if r.solution][:limit]
     absent = [r for r in trainer.data.eval if not r.solution][:limit]
     table = []
