@@ -115,6 +115,9 @@ def diagnose_run(run: Path, samples: int, limit: int) -> list[dict]:
     config = json.loads(next(run.glob("checkpoints/step_*/state.json")).read_text())["config"]
     steps = sorted(run.glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1]))
     trainer = run_trainer(config, "algo.kl_coef=0")
+    if samples < trainer.cfg.rollout.n:  # a step's groups are the first rollout.n samples of each prompt
+        raise SystemExit(f"{run}: --samples {samples} is below the run's rollout.n = {trainer.cfg.rollout.n}; "
+                         f"pass --samples {trainer.cfg.rollout.n} or more")  # fmt: skip
     present = [r for r in trainer.data.eval if r.solution][:limit]
     absent = [r for r in trainer.data.eval if not r.solution][:limit]
     table = []
